@@ -1,0 +1,39 @@
+# lora-pipeline: `make test` and `make demo` work on a fresh machine (they create .venv and install).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXTRAS ?= pipeline,airflow,deploy,dev
+OUT ?= out
+
+.PHONY: install test lint format demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: this version is the CPU wheel that installs offline; an unpinned torch pulls CUDA
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m lora_ops.demo --out $(OUT)/demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_speed.py --arch tiny
+
+clean:
+	rm -rf $(OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Subcommands of `lora-ops`; every module here is discovered by `lora_ops.cli`."""

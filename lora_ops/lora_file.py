@@ -1,0 +1,245 @@
+"""The native LoRA file: one safetensors file with UNet LoRA, text-encoder LoRA, learned tokens, metadata.
+
+Layout (format version 1):
+
+    unet.<module>.lora_A.weight           (r, in) or (r, in, kh, kw) for Conv2d
+    unet.<module>.lora_B.weight           (out, r) or (out, r, 1, 1)
+    text_encoder.<module>.lora_A.weight   module names as `text_model.encoder.layers.0.self_attn.q_proj`
+    text_encoder.<module>.lora_B.weight
+    token_embeddings.<token>              (dim,) one row per learned token
+
+The scale is folded into lora_B: ΔW = lora_B @ lora_A exactly (alpha = r). That is the diffusers/PEFT
+layout, so `pipe.load_lora_weights` reads the LoRA part of the same file. Metadata (all strings): format,
+format_version, base_model, targets, ranks, alphas (as trained, before folding), tokens, dtype,
+training_config and its sha256 (config_hash), lora_ops_version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "lora_ops"
+FORMAT_VERSION = 1
+COMPONENTS = ("unet", "text_encoder")
+TOKEN_PREFIX = "token_embeddings."
+
+
+@dataclass
+class LoraModule:
+    """One LoRA'd layer: ΔW = lora_B @ lora_A (scale already folded in).
+
+    Args:
+        lora_A: (r, in) for Linear, (r, in, kh, kw) for Conv2d.
+        lora_B: (out, r) for Linear, (out, r, 1, 1) for Conv2d.
+    """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+
+    def __post_init__(self):
+        if self.lora_A.shape[0] != self.lora_B.shape[1]:
+            raise ValueError(
+                f"lora_A {tuple(self.lora_A.shape)} and lora_B {tuple(self.lora_B.shape)} disagree on the rank"
+            )
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def is_conv(self) -> bool:
+        return self.lora_A.ndim == 4
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """The dense ΔW in float32: (out, in) or (out, in, kh, kw)."""
+        a = self.lora_A.float().flatten(1)  # (r, in*kh*kw)
+        b = self.lora_B.float().flatten(1)  # (out, r)
+        return (b @ a).reshape(self.lora_B.shape[0], *self.lora_A.shape[1:])
+
+
+@dataclass
+class LoraFile:
+    """Everything one native file holds. Module names are canonical (see `targets.canonical_name`)."""
+
+    unet: dict[str, LoraModule] = field(default_factory=dict)
+    text_encoder: dict[str, LoraModule] = field(default_factory=dict)
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def component(self, name: str) -> dict[str, LoraModule]:
+        if name not in COMPONENTS:
+            raise ValueError(f"component={name!r} is not one of {COMPONENTS}")
+        return getattr(self, name)
+
+    def ranks(self) -> dict[str, dict[str, int]]:
+        return {c: {n: m.r for n, m in self.component(c).items()} for c in COMPONENTS}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors in the native (diffusers/PEFT) key layout."""
+        out: dict[str, torch.Tensor] = {}
+        for comp in COMPONENTS:
+            for name, mod in self.component(comp).items():
+                out[f"{comp}.{name}.lora_A.weight"] = mod.lora_A
+                out[f"{comp}.{name}.lora_B.weight"] = mod.lora_B
+        for token, vector in self.tokens.items():
+            out[TOKEN_PREFIX + token] = vector
+        return out
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """sha256 of a JSON-serialisable config, key order independent."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lora-pipeline")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call `write(tmp_path)` and rename into place, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_lora(path: str | Path, lora: LoraFile, dtype: Literal["fp32", "fp16", "bf16"] = "fp32") -> Path:
+    """Write `lora` as a native safetensors file (atomically); returns the path.
+
+    Args:
+        dtype: storage precision of the LoRA factors and tokens.
+    """
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"dtype={dtype!r} is not one of fp32, fp16, bf16")
+    tensors = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in lora.state_dict().items()}
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"refusing to save {key}: it holds non-finite values (inf/NaN after {dtype} cast?)")
+    meta = dict(lora.metadata)
+    training_config = meta.pop("training_config", {})
+    header = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "base_model": str(meta.pop("base_model", "")),
+        "targets": json.dumps(meta.pop("targets", {})),
+        "ranks": json.dumps(lora.ranks()),
+        "alphas": json.dumps(meta.pop("alphas", {})),
+        "tokens": json.dumps(list(lora.tokens)),
+        "dtype": dtype,
+        "training_config": json.dumps(training_config, sort_keys=True, default=str),
+        "config_hash": config_hash(training_config),
+        "lora_ops_version": _version(),
+    }
+    for key, value in meta.items():
+        header[key] = value if isinstance(value, str) else json.dumps(value)
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with one clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        header_bytes = fh.read(n) if 0 < n <= min(size - 8, 100_000_000) else b""
+    try:
+        header = json.loads(header_bytes)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (no valid header)")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
+    try:
+        tensors = load_file(path)
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: unreadable safetensors file: {exc}") from None
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def _parse_json(meta: Mapping[str, str], key: str, default):
+    try:
+        return json.loads(meta[key]) if key in meta else default
+    except ValueError:
+        return meta[key]
+
+
+def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> LoraFile:
+    """Build a LoraFile from native keys; raises ValueError naming keys that do not fit the layout."""
+    metadata = dict(metadata or {})
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    lora = LoraFile()
+    unknown = []
+    for key, tensor in tensors.items():
+        if key.startswith(TOKEN_PREFIX):
+            lora.tokens[key[len(TOKEN_PREFIX) :]] = tensor
+            continue
+        comp, _, rest = key.partition(".")
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if comp in COMPONENTS and rest.endswith(suffix):
+                pairs.setdefault((comp, rest[: -len(suffix)]), {})[part] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"keys that are not native LoRA keys: {unknown[:5]}{' …' if len(unknown) > 5 else ''}")
+    for (comp, name), pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{comp}.{name}: has {sorted(pair)} but needs both lora_A and lora_B")
+        lora.component(comp)[name] = LoraModule(pair["lora_A"], pair["lora_B"])
+    if "tokens" in metadata:  # keep the token order the file recorded
+        order = [t for t in _parse_json(metadata, "tokens", []) if t in lora.tokens]
+        lora.tokens = {t: lora.tokens[t] for t in order + [t for t in lora.tokens if t not in order]}
+    lora.metadata = {k: _parse_json(metadata, k, None) for k in metadata}
+    for key in ("ranks", "dtype", "format", "format_version", "config_hash", "lora_ops_version"):
+        lora.metadata.pop(key, None)
+    return lora
+
+
+def load_lora(path: str | Path) -> LoraFile:
+    """Read a native LoRA file. Other formats: see `lora_ops.formats.read_any`."""
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{path}: not a native lora_ops file (format={metadata.get('format')!r}); "
+            "convert it first with `lora-ops convert`"
+        )
+    return lora_from_state_dict(tensors, metadata)

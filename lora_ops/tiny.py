@@ -1,0 +1,218 @@
+"""Diffusers folders with random weights and a working tokenizer, built offline.
+
+`tiny` runs in seconds on a CPU (tests, demo); `sd15` and `sd21` have the real architectures' shapes
+(shape checks, GPU benchmarks). The tokenizer is a byte-level CLIP BPE vocabulary with no merges, padded
+to the real vocabulary size so token ids line up with the real models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Arch = Literal["tiny", "sd15", "sd21"]
+ARCHS: tuple[str, ...] = ("tiny", "sd15", "sd21")
+
+_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+_ARCH_CONFIGS: dict[str, dict] = {
+    "tiny": {
+        "unet": dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=16,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        "vae": dict(
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=32,
+        ),
+        "text": dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=1000,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=32,
+        ),
+        "prediction_type": "epsilon",
+    },
+    "sd15": {
+        "unet": dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        "vae": dict(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            sample_size=512,
+            layers_per_block=2,
+        ),
+        "text": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        ),
+        "prediction_type": "epsilon",
+    },
+    "sd21": {
+        "unet": dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            sample_size=96,
+            cross_attention_dim=1024,
+            attention_head_dim=(5, 10, 20, 20),
+            use_linear_projection=True,
+        ),
+        "vae": dict(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            sample_size=768,
+            layers_per_block=2,
+        ),
+        "text": dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=512,
+        ),
+        "prediction_type": "v_prediction",
+    },
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2/CLIP byte -> printable unicode character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_byte_level_tokenizer(directory: str | Path, vocab_size: int) -> None:
+    """Write a CLIP tokenizer whose vocabulary is every byte, alone and word-final, padded to `vocab_size`.
+
+    With no merges every word tokenizes into its bytes, which is enough for a working tokenizer.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    # pad so that the ids of the special tokens (the last two) match the real CLIP vocabulary
+    tokens += [f"<|unused{i}|>" for i in range(vocab_size - len(tokens) - 2)]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    if len(tokens) != vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the byte vocabulary ({len(tokens)})")
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
+    )
+
+
+def make_tiny_model(
+    directory: str | Path,
+    arch: Arch = "tiny",
+    inpainting: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Write a Stable Diffusion diffusers folder with random weights for `arch`; returns the folder.
+
+    Args:
+        directory: output folder (created; existing model files are overwritten).
+        arch: "tiny" (CPU tests), "sd15" (SD 1.5 shapes) or "sd21" (SD 2.1 shapes, v-prediction).
+        inpainting: build the 9-channel inpainting UNet and an inpainting pipeline.
+        seed: seed of the random weights.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if arch not in _ARCH_CONFIGS:
+        raise ValueError(f"arch={arch!r} is not one of {ARCHS}")
+    cfg = _ARCH_CONFIGS[arch]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(in_channels=9 if inpainting else 4, out_channels=4, **cfg["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **cfg["vae"])
+    text_config = CLIPTextConfig(bos_token_id=cfg["text"]["vocab_size"] - 2, eos_token_id=cfg["text"]["vocab_size"] - 1,
+                                 pad_token_id=cfg["text"]["vocab_size"] - 1, **cfg["text"])
+    text_encoder = CLIPTextModel(text_config)
+    write_byte_level_tokenizer(directory / "tokenizer", cfg["text"]["vocab_size"])
+    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer", model_max_length=77)
+    scheduler = DDIMScheduler.from_config({**_SCHEDULER, "prediction_type": cfg["prediction_type"]})
+
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = pipeline_class(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
