@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= pipeline,airflow,deploy,dev
+EXTRAS ?= train,preprocess,pipeline,airflow,deploy,dev
 OUT ?= out
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install test lint format demo bench up down airflow images clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,18 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_speed.py --arch tiny
+
+up: $(STAMP)
+	$(PY) scripts/stack.py up
+
+down: $(STAMP)
+	$(PY) scripts/stack.py down
+
+airflow: $(STAMP)
+	bash scripts/airflow.sh
+
+images:
+	bash images/build.sh
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache
