@@ -1,0 +1,269 @@
+"""LoRA and embedding files in every supported format: detect, read into a `LoraFile`, write.
+
+Formats: "native" (lora_ops), "diffusers" (diffusers/PEFT `pytorch_lora_weights.safetensors`), "kohya"
+(kohya / A1111 / ComfyUI), "lora_diffusion" (the original project's format, `.safetensors` or its
+`.pt` list of tensors), "a1111_embedding" (`.pt` or `.safetensors` textual-inversion embedding).
+Pickled `.pt` files are read only with `torch.load(weights_only=True)`: a pickle that needs code to
+load is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .convert import (
+    BUNDLE_PREFIX,
+    convert_a1111_embedding_to_tokens,
+    convert_diffusers_to_native,
+    convert_kohya_to_native,
+    convert_native_to_kohya,
+    convert_tokens_to_a1111_embedding,
+)
+from .lora_file import (
+    COMPONENTS,
+    FORMAT,
+    LoraFile,
+    atomic_write,
+    lora_from_state_dict,
+    read_safetensors,
+    save_lora,
+)
+from .targets import canonical_name
+
+Format = Literal["native", "diffusers", "kohya", "lora_diffusion", "a1111_embedding"]
+FORMATS: tuple[str, ...] = ("native", "diffusers", "kohya", "lora_diffusion", "a1111_embedding")
+
+
+def detect_format(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> str:
+    """The format of a state dict, from its metadata and key layout; ValueError if none fits."""
+    metadata = metadata or {}
+    keys = list(tensors)
+    if metadata.get("format") == FORMAT:
+        return "native"
+    if not keys:
+        raise ValueError("the file holds no tensors")
+    if any(re.fullmatch(r"(unet|text_encoder):\d+:(up|down)", k) for k in keys):
+        return "lora_diffusion"
+    if any(k.startswith(("lora_unet_", "lora_te_", BUNDLE_PREFIX)) for k in keys):
+        if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+            raise ValueError("detected kohya layout for SDXL (lora_te1_/lora_te2_ keys): only SD 1.x/2.x are supported")
+        return "kohya"
+    if any(k.startswith(("unet.", "text_encoder.")) for k in keys):
+        return "diffusers"
+    if set(keys) <= {
+        "emb_params",
+        "string_to_param",
+        "string_to_token",
+        "name",
+        "step",
+        "sd_checkpoint",
+        "sd_checkpoint_name",
+    } and ("emb_params" in keys or "string_to_param" in keys):
+        return "a1111_embedding"
+    if keys[0].startswith("base_model.model."):
+        raise ValueError(
+            "detected a bare PEFT adapter (base_model.model.* keys) without component prefixes; "
+            "convert it with diffusers (unet./text_encoder. prefixes) first"
+        )
+    raise ValueError(f"unknown key layout: none of {list(FORMATS)} fits; first keys: {keys[:5]} ({len(keys)} keys)")
+
+
+def _load_pt(path: Path) -> Any:
+    """torch.load with weights_only=True; a pickle that needs code is refused with a clear message."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, ModuleNotFoundError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path}: refused: this pickle needs arbitrary code to load ({first[:200]}); only plain "
+            "tensors, dicts and lists are read (torch.load weights_only=True). Convert it where you trust it."
+        ) from None
+
+
+def read_raw(path: str | Path) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """(format, tensors, metadata) of a `.safetensors`, `.pt`, `.bin` or `.ckpt` LoRA/embedding file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix in (".pt", ".bin", ".ckpt", ".pth"):
+        obj = _load_pt(path)
+        if isinstance(obj, (list, tuple)):
+            # the original project's .pt: [up, down, up, down, …] in traversal order
+            if len(obj) % 2 or not all(isinstance(t, torch.Tensor) for t in obj):
+                raise ValueError(f"{path}: a list, but not the lora_diffusion [up, down, …] tensor list")
+            comp = "text_encoder" if "text_encoder" in path.name else "unet"
+            tensors = {}
+            for i in range(len(obj) // 2):
+                tensors[f"{comp}:{i}:up"], tensors[f"{comp}:{i}:down"] = obj[2 * i], obj[2 * i + 1]
+            return "lora_diffusion", tensors, {}
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict or embedding")
+        if "string_to_param" in obj:
+            return "a1111_embedding", obj, {}
+        if (
+            obj
+            and all(isinstance(v, torch.Tensor) and v.ndim == 1 for v in obj.values())
+            and not any(k.startswith(("unet", "text_encoder", "lora_")) for k in obj)
+        ):
+            # learned_embeds.bin of diffusers' textual inversion: {token: (dim,)}
+            return "a1111_embedding", obj, {}
+        return detect_format(obj, {}), obj, {}
+    tensors, metadata = read_safetensors(path)
+    return detect_format(tensors, metadata), tensors, metadata
+
+
+def model_skeletons(base: Any) -> dict[str, nn.Module]:
+    """{"unet", "text_encoder"} modules of `base`: a pipeline, a dict of modules, or a diffusers folder.
+
+    From a folder the modules are built from the configs on the meta device (names and shapes only, no
+    weights): enough to name and check LoRA modules, instant even for SD 1.5.
+    """
+    if hasattr(base, "unet") and hasattr(base, "text_encoder"):
+        return {"unet": base.unet, "text_encoder": base.text_encoder}
+    if isinstance(base, Mapping):
+        return dict(base)
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(base)
+    if not (folder / "unet" / "config.json").is_file() or not (folder / "text_encoder" / "config.json").is_file():
+        raise ValueError(f"base={str(base)!r} is not a diffusers model folder (needs unet/ and text_encoder/ configs)")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    return {"unet": unet, "text_encoder": text_encoder}
+
+
+def module_names(models: Mapping[str, nn.Module]) -> dict[str, list[str]]:
+    """Canonical names of every Linear/Conv2d per component."""
+    return {
+        comp: [canonical_name(comp, n) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        for comp, model in models.items()
+    }
+
+
+def lora_from_raw(
+    fmt: str, tensors: Mapping[str, Any], metadata: Mapping[str, str], base: Any = None, token: str = "<emb>"
+) -> LoraFile:
+    """A LoraFile from a detected raw state dict (see `read_raw`)."""
+    from .legacy import check_shapes, read_legacy
+
+    models = model_skeletons(base) if base is not None else None
+    if fmt == "native":
+        lora = lora_from_state_dict(tensors, metadata)
+    elif fmt == "diffusers":
+        lora = lora_from_state_dict(convert_diffusers_to_native(tensors, metadata))
+    elif fmt == "kohya":
+        names = module_names(models) if models is not None else None
+        lora = lora_from_state_dict(convert_kohya_to_native(tensors, names))
+    elif fmt == "lora_diffusion":
+        if models is None:
+            raise ValueError(
+                "detected lora_diffusion layout: its modules are numbered in the model's traversal order, "
+                "so reading it needs the base model (base=/--base MODEL_DIR)"
+            )
+        lora = read_legacy(tensors, metadata, models)
+    elif fmt == "a1111_embedding":
+        lora = LoraFile(tokens=convert_a1111_embedding_to_tokens(tensors, token))
+    else:
+        raise ValueError(f"format={fmt!r} is not one of {FORMATS}")
+    if fmt != "native":
+        lora.metadata = {**_provenance(metadata), **lora.metadata, "source_format": fmt}
+    if models is not None:
+        check_shapes(lora, models)
+    return lora
+
+
+def _provenance(metadata: Mapping[str, str]) -> dict[str, Any]:
+    out = {}
+    base = metadata.get("base_model") or metadata.get("ss_sd_model_name")
+    if base:
+        out["base_model"] = base
+    return out
+
+
+def read_any(path: str | Path, base: Any = None, token: str | None = None) -> LoraFile:
+    """Read a LoRA or embedding file of any supported format as a LoraFile (scale folded into lora_B).
+
+    Args:
+        base: the base model (folder, pipeline, or {"unet", "text_encoder"}); needed for lora_diffusion
+            files, and used to check every module and shape when given.
+        token: the token of an A1111 embedding (default: `<file stem>`).
+    """
+    fmt, tensors, metadata = read_raw(path)
+    return lora_from_raw(fmt, tensors, metadata, base, token or f"<{Path(path).stem}>")
+
+
+def provenance_metadata(lora: LoraFile) -> dict[str, str]:
+    """String metadata every written file carries: base model, ranks, targets, tokens, config hash."""
+    meta = {
+        "base_model": str(lora.metadata.get("base_model", "")),
+        "ranks": json.dumps(lora.ranks()),
+        "targets": json.dumps(lora.metadata.get("targets", {c: sorted(lora.component(c)) for c in COMPONENTS})),
+        "tokens": json.dumps(list(lora.tokens)),
+    }
+    if "config_hash" in lora.metadata:
+        meta["config_hash"] = str(lora.metadata["config_hash"])
+    return meta
+
+
+def save_a1111_embedding(path: str | Path, tokens: Mapping[str, torch.Tensor]) -> Path:
+    """Write tokens as one A1111 embedding `{"emb_params": (n, dim)}` (type its file stem in A1111)."""
+    tensors = convert_tokens_to_a1111_embedding(tokens)
+    meta = {"tokens": json.dumps(list(tokens))}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def write_any(path: str | Path, lora: LoraFile, fmt: str, base: Any = None) -> Path:
+    """Write `lora` in format `fmt` (atomically). lora_diffusion needs `base`; diffusers writes a folder
+    (LoRA + one embedding per token) unless `path` ends in `.safetensors`."""
+    from .diffusers_export import export_diffusers
+    from .legacy import write_legacy
+
+    path = Path(path)
+    if fmt == "native":
+        return save_lora(path, lora)
+    if fmt == "diffusers":
+        if path.suffix == ".safetensors":
+            return export_diffusers(lora, path.parent, weight_name=path.name, tokens=False)["lora"]
+        return export_diffusers(lora, path)["lora"]
+    if fmt == "kohya":
+        tensors = {
+            k: v.detach().float().cpu().contiguous() for k, v in convert_native_to_kohya(lora.state_dict()).items()
+        }
+        meta = {**provenance_metadata(lora), "ss_network_module": "networks.lora"}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    if fmt == "lora_diffusion":
+        if base is None:
+            raise ValueError("writing lora_diffusion needs the base model (base=/--base MODEL_DIR) for module order")
+        return write_legacy(path, lora, model_skeletons(base))
+    if fmt == "a1111_embedding":
+        if path.suffix != ".safetensors":
+            raise ValueError(f"path={str(path)!r}: embeddings are written as .safetensors only")
+        return save_a1111_embedding(path, lora.tokens)
+    raise ValueError(f"fmt={fmt!r} is not one of {FORMATS}")
+
+
+def lora_dims(lora: LoraFile) -> dict[str, int | None]:
+    """Cross-attention width (UNet attn2.to_k input) and text width seen in a LoRA (None if absent)."""
+    cross = next((m.in_features for n, m in lora.unet.items() if n.endswith("attn2.to_k")), None)
+    text = next((m.in_features for n, m in lora.text_encoder.items() if n.endswith("self_attn.q_proj")), None)
+    if text is None and lora.tokens:
+        text = next(iter(lora.tokens.values())).shape[-1]
+    return {"cross_attention_dim": cross, "text_dim": text}
+
+
+def lora_family(lora: LoraFile) -> str:
+    """ "sd1" (768-wide text), "sd2" (1024) or "unknown"."""
+    dims = lora_dims(lora)
+    width = dims["cross_attention_dim"] or dims["text_dim"]
+    return {768: "sd1", 1024: "sd2"}.get(width, "unknown")
