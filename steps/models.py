@@ -1,0 +1,130 @@
+"""Base models for the steps: a hub id, a local diffusers folder, or an `s3://` prefix holding one.
+
+`s3://` models are downloaded once into `$LORA_PIPELINE_CACHE/models/<content sha256>/`; an index maps
+the prefix's object listing (names, sizes, ETags) to that content hash, so a second step on the same
+machine finds the model without downloading it again, and a changed prefix is downloaded afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .artifacts import (
+    Store,
+    describe_files,
+    fetch,
+    listing_hash,
+    parse_uri,
+    read_manifest,
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORA_PIPELINE_CACHE") or Path.home() / ".cache" / "lora-pipeline")
+
+
+@dataclass
+class BaseModel:
+    """A base model ready for `lora_ops.load_pipeline`.
+
+    Args:
+        ref: what the user passed (recorded in metadata, so serving can find the same model).
+        path: a local folder or a hub id to load from.
+        sha256: content hash (hub ids: the id itself, hashed; they are not downloaded here).
+    """
+
+    ref: str
+    path: str
+    sha256: str
+
+    def lineage(self) -> dict[str, str]:
+        return {"uri": self.ref, "sha256": self.sha256}
+
+
+def resolve_base_model(ref: str, store: Store | None = None, cache: str | Path | None = None) -> BaseModel:
+    """Make `ref` loadable locally; raises ValueError naming `--base-model` when it is none of the three."""
+    if not ref:
+        raise ValueError("--base-model: empty")
+    if ref.startswith("s3://"):
+        return _from_s3(ref, store, Path(cache) if cache else cache_root())
+    path = Path(ref).expanduser()
+    if path.exists() or ref.startswith(("/", ".", "~", "file://")):
+        path = parse_uri(ref, "--base-model").key if ref.startswith("file://") else path
+        path = Path(path)
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"--base-model={ref}: not a diffusers model folder (no model_index.json)")
+        return BaseModel(ref, str(path.resolve()), _folder_hash(path))
+    if ref.count("/") == 1 and " " not in ref:
+        return BaseModel(ref, ref, hashlib.sha256(f"hub:{ref}".encode()).hexdigest())
+    raise ValueError(f"--base-model={ref!r}: not an s3:// prefix, an existing diffusers folder, or a hub id 'org/name'")
+
+
+def _folder_hash(path: Path) -> str:
+    """Content hash of a local model folder, memoised next to nothing: a small sidecar keyed by size+mtime."""
+    stamp_src = sorted(
+        (p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()
+    )
+    stamp = hashlib.sha256(json.dumps(stamp_src).encode()).hexdigest()
+    memo = cache_root() / "folder-hashes" / stamp
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = listing_hash(describe_files(path))
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(digest)
+    return digest
+
+
+def _from_s3(ref: str, store: Store | None, cache: Path) -> BaseModel:
+    loc = parse_uri(ref, "--base-model").as_prefix()
+    store = store or Store.for_uri(loc)
+    models = cache / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    found = read_manifest(loc, store)
+    if found is not None:
+        _, listing_key = found  # a published model: its manifest hash names the content
+    else:
+        objects = store.list(loc)
+        if not objects:
+            raise FileNotFoundError(f"--base-model={ref}: nothing there")
+        etags = _etags(store, loc)
+        listing_key = hashlib.sha256(json.dumps([str(loc), objects, etags]).encode()).hexdigest()
+    index_file = models / "index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    cached = index.get(listing_key)
+    if cached and (models / cached / "model_index.json").is_file():
+        return BaseModel(ref, str(models / cached), cached)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=models))
+    try:
+        fetched = fetch(ref, tmp, store, name="--base-model")
+        if not (tmp / "model_index.json").is_file():
+            raise ValueError(f"--base-model={ref}: not a diffusers model folder (no model_index.json)")
+        digest = fetched.sha256
+        final = models / digest
+        if final.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    index[listing_key] = digest
+    tmp_index = index_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp_index.write_text(json.dumps(index, indent=1))
+    os.replace(tmp_index, index_file)
+    return BaseModel(ref, str(final), digest)
+
+
+def _etags(store: Store, loc) -> list[str]:
+    return sorted(
+        f"{o.object_name} {o.etag}"
+        for o in store._retry(
+            lambda: list(store.client.list_objects(loc.bucket, loc.key, recursive=True)), f"list {loc}"
+        )
+    )
