@@ -1,0 +1,27 @@
+#!/bin/sh
+# Entry point of the step images: `<step> [flags]` runs `python -m steps.<step> [flags]`.
+# Any other command runs as given, so `python -m steps.tune ...` (what the DAG's pods run),
+# `lora-registry ...`, `lora-ops ...` and `bash` all work.
+set -eu
+
+STEPS="preprocess invert tune distill evaluate register"
+
+usage() {
+    echo "usage: <step> [flags]   with <step> one of: ${STEPS}"
+    echo "       lora-registry ... | lora-ops ... | python -m steps.<step> ...    (runs as given)"
+    echo "       <step> --help shows the flags of one step"
+}
+
+if [ "$#" -eq 0 ] || [ "$1" = "--help" ] || [ "$1" = "-h" ]; then
+    usage
+    exit 0
+fi
+
+for step in ${STEPS}; do
+    if [ "$1" = "${step}" ]; then
+        shift
+        exec python -m "steps.${step}" "$@"
+    fi
+done
+
+exec "$@"

