@@ -14,6 +14,8 @@ import json
 import re
 import secrets
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import helm_python as helm
@@ -105,8 +107,14 @@ def test_lint_strict(tmp_path):
         assert all(m["severity"] < 2 for m in report["messages"]), (profile, report["messages"])
 
 
-def test_manifests_validate_strict(rendered):
+def test_manifests_validate_strict(rendered, tmp_path):
     profile, docs, _ = rendered
+    # the command line, as a user runs it on `helm template` output
+    manifest = tmp_path / f"{profile}.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+    cli = Path(sys.executable).parent / "kubernetes-validate"
+    result = subprocess.run([cli, "--strict", "-k", KUBE_VERSIONS[0], manifest], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.count("passed") == len(docs), result.stdout + result.stderr
     assert len(docs) >= 8, profile
     for doc in docs:
         for version in KUBE_VERSIONS:
