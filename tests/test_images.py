@@ -125,8 +125,10 @@ def test_step_image_entrypoint_is_the_step_cli(name):
     user = [args for keyword, args in instructions(dockerfile) if keyword == "USER"][-1]
     assert user.isdigit() and int(user) != 0
     assert "/models/cache" in steps["VOLUME"] and "LORA_PIPELINE_CACHE=/models/cache" in dockerfile.read_text()
-    # the project is installed with the pipeline extra, never with an unpinned torch
-    assert "[pipeline]" in dockerfile.read_text() and "--constraint" in dockerfile.read_text()
+    # the project is installed with the extras the steps import, never with an unpinned torch
+    (extras,) = re.findall(r"\[([a-z,]+)\]\"", dockerfile.read_text())
+    assert {"pipeline", "preprocess"} <= set(extras.split(",")), extras
+    assert "--constraint" in dockerfile.read_text()
 
 
 def json_list(text: str) -> list[str]:
