@@ -1,0 +1,218 @@
+"""
+### lora_finetune: one subject, from images to a registered LoRA
+
+`preprocess → invert → tune → distill (one per rank) → evaluate → register`
+
+Trigger it from the form (**Trigger DAG**): the dataset is a prefix of images (`s3://bucket/datasets/<subject>/`),
+the result is a version of the registered model *model_name* in MLflow, aliased `champion` when its
+promotion metric beats the current champion's, else `challenger`.
+
+Every step writes to `s3://<LORA_PIPELINE_BUCKET>/runs/<run id>/<step>/` and is idempotent, so a retried
+task resumes or reuses its own output. GPU steps share the `lora_gpu` pool (one slot per GPU). Where the
+steps run (local subprocess, Docker, Kubernetes) is set by the deployment (`LORA_PIPELINE_EXECUTOR`).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, Param, task
+
+sys.path.insert(0, str(Path(__file__).parent))  # the DAG folder's own modules, wherever it is mounted
+from lora_pipeline_tasks import ExecutorConfig, step_task  # noqa: E402
+
+CONFIG = ExecutorConfig.from_env()
+TOKENS_PATTERN = r"^<[^<>|\s]+>(\|<[^<>|\s]+>)*$"
+URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.*|/.+|file:///.+)$"
+
+PARAMS = {
+    "dataset_uri": Param(
+        "s3://lora-pipeline/datasets/example/",
+        type="string",
+        pattern=URI_PATTERN,
+        title="Dataset",
+        description="Prefix of 3-30 images (s3://bucket/datasets/<subject>/ or an absolute folder)",
+        section="Data and model",
+    ),
+    "model_name": Param(
+        "example-lora",
+        type="string",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        title="Registered model name",
+        section="Data and model",
+    ),
+    "base_model": Param(
+        "runwayml/stable-diffusion-v1-5",
+        type="string",
+        minLength=1,
+        title="Base model",
+        description="Hub id, local diffusers folder or s3:// prefix",
+        section="Data and model",
+    ),
+    "placeholder_tokens": Param(
+        "<s1>|<s2>", type="string", pattern=TOKENS_PATTERN, title="Placeholder tokens", section="Tokens"
+    ),
+    "initializer_tokens": Param(
+        "",
+        type="string",
+        title="Initializer tokens",
+        description="Words that initialise the new tokens, '|'-separated (empty: random)",
+        section="Tokens",
+    ),
+    "template": Param("object", enum=["object", "style"], title="Prompt template", section="Tokens"),
+    "caption_model": Param(
+        "",
+        type="string",
+        title="Caption model",
+        description="Captioning model id, 'none' to use the template only (empty: the step's default)",
+        section="Tokens",
+    ),
+    "ranks": Param(
+        [4, 1],
+        type="array",
+        items={"type": "integer", "minimum": 1, "maximum": 256},
+        minItems=1,
+        maxItems=8,
+        uniqueItems=True,
+        title="Ranks to distill",
+        description="One distilled LoRA per rank; the best one is registered",
+        section="Training",
+    ),
+    "tune_rank": Param(4, type="integer", minimum=1, maximum=256, title="Rank while tuning", section="Training"),
+    "invert_steps": Param(1000, type="integer", minimum=1, maximum=100000, title="Inversion steps", section="Training"),
+    "invert_lr": Param(5e-4, type="number", exclusiveMinimum=0, maximum=1, title="Inversion LR", section="Training"),
+    "tune_steps": Param(1000, type="integer", minimum=1, maximum=100000, title="Tuning steps", section="Training"),
+    "tune_lr_unet": Param(1e-4, type="number", exclusiveMinimum=0, maximum=1, title="UNet LR", section="Training"),
+    "tune_lr_text": Param(1e-5, type="number", minimum=0, maximum=1, title="Text encoder LR", section="Training"),
+    "resolution": Param(
+        512, type="integer", minimum=8, maximum=2048, multipleOf=8, title="Resolution", section="Training"
+    ),
+    "seed": Param(0, type="integer", minimum=0, maximum=2**31 - 1, title="Seed", section="Training"),
+    "promotion_metric": Param(
+        "clip_i",
+        enum=["clip_i", "clip_t"],
+        title="Promotion metric",
+        description="The new version becomes champion only if this metric beats the champion's",
+        section="Evaluation",
+    ),
+    "clip_model": Param(
+        "",
+        type="string",
+        title="CLIP model for evaluation",
+        description="Empty: the step's default",
+        section="Evaluation",
+    ),
+    "executor_profile": Param(
+        "auto",
+        enum=["auto", "cuda", "cpu"],
+        title="Executor profile",
+        description="Device of the compute steps: auto (GPU when the executor provides one), cuda, cpu",
+        section="Evaluation",
+    ),
+}
+
+
+def run_key(run_id: str) -> str:
+    """An Airflow run id as one safe object-key segment (`manual__2026-01-01T00:00:00+00:00` -> `manual__2026-01-01T00-00-00-00-00`)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", run_id)
+
+
+def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str, Any]:
+    """The flags of every step of one run (docs/steps.md). Pure: tested without Airflow.
+
+    Raises ValueError for combinations the form's schema cannot express.
+    """
+    ranks = [int(r) for r in params["ranks"]]
+    if max(ranks) > int(params["tune_rank"]):
+        raise ValueError(f"ranks={ranks}: distilled ranks must not exceed tune_rank={params['tune_rank']}")
+    tokens = params["placeholder_tokens"].split("|")
+    init = params["initializer_tokens"].strip()
+    if init and len(init.split("|")) != len(tokens):
+        raise ValueError(
+            f"initializer_tokens={init!r}: give one word per placeholder token ({len(tokens)}), '|'-separated"
+        )
+    root = f"s3://{bucket}/runs/{run_key(run_id)}"
+    out = {step: f"{root}/{step}/" for step in ("preprocess", "invert", "tune", "evaluate")}
+    distill_out = {r: f"{root}/distill/r{r}/" for r in ranks}
+    common = ["--run-id", run_id]
+    device = ["--device", params["executor_profile"]]
+    model = ["--base-model", params["base_model"]]
+    shape = ["--resolution", str(params["resolution"]), "--seed", str(params["seed"])]
+
+    preprocess = [*common, *device, "--dataset", params["dataset_uri"], "--out", out["preprocess"]]
+    preprocess += ["--resolution", str(params["resolution"])]
+    if params["caption_model"]:
+        preprocess += ["--caption-model", params["caption_model"]]
+    invert = [*common, *device, "--dataset", out["preprocess"], *model, "--out", out["invert"]]
+    invert += ["--placeholder-tokens", params["placeholder_tokens"], "--template", params["template"]]
+    if init:
+        invert += ["--initializer-tokens", init]
+    invert += ["--steps", str(params["invert_steps"]), "--lr", str(params["invert_lr"]), *shape]
+    tune = [*common, *device, "--dataset", out["preprocess"], "--tokens", out["invert"], *model, "--out", out["tune"]]
+    tune += ["--rank", str(params["tune_rank"]), "--steps", str(params["tune_steps"])]
+    tune += ["--lr-unet", str(params["tune_lr_unet"]), "--lr-text", str(params["tune_lr_text"])]
+    if float(params["tune_lr_text"]) > 0:
+        tune += ["--train-text-encoder"]
+    tune += shape
+    distill = [[*common, *device, "--lora", out["tune"], "--rank", str(r), "--out", distill_out[r]] for r in ranks]
+    evaluate = [*common, *device, "--dataset", out["preprocess"], *model, "--out", out["evaluate"]]
+    for r in ranks:
+        evaluate += ["--lora", distill_out[r]]
+    evaluate += ["--seed", str(params["seed"])]
+    if params["clip_model"]:
+        evaluate += ["--clip-model", params["clip_model"]]
+    register = [*common, "--evaluation", out["evaluate"], "--model-name", params["model_name"]]
+    register += ["--promotion-metric", params["promotion_metric"]]
+    return {
+        "run_uri": f"{root}/",
+        "preprocess": preprocess,
+        "invert": invert,
+        "tune": tune,
+        "distill": distill,
+        "evaluate": evaluate,
+        "register": register,
+    }
+
+
+with DAG(
+    dag_id="lora_finetune",
+    description="Fine-tune, distill, evaluate and register a LoRA for one subject",
+    doc_md=__doc__,
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=4,
+    tags=["lora", "training"],
+    params=PARAMS,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True},
+) as dag:
+
+    @task(multiple_outputs=True)
+    def plan(run_id=None, params=None) -> dict[str, Any]:
+        """Every step's flags for this run; rejects inconsistent forms before any GPU time is spent."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        try:
+            return build_commands(run_id, dict(params), CONFIG.bucket)
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from None
+
+    @task
+    def per_rank(distill: list[list[str]]) -> list[list[str]]:
+        """The distill flags, one list per rank, as a return value that a mapped task can expand over."""
+        return distill
+
+    commands = plan()
+    distill_commands = per_rank(commands["distill"])
+    preprocess = step_task("preprocess", commands["preprocess"], gpu=True, config=CONFIG)
+    invert = step_task("invert", commands["invert"], gpu=True, config=CONFIG)
+    tune = step_task("tune", commands["tune"], gpu=True, config=CONFIG)
+    distill = step_task("distill", None, gpu=True, config=CONFIG, expand=distill_commands, map_index_flag="--rank")
+    evaluate = step_task("evaluate", commands["evaluate"], gpu=True, config=CONFIG)
+    register = step_task("register", commands["register"], config=CONFIG)
+
+    commands >> distill_commands >> preprocess >> invert >> tune >> distill >> evaluate >> register
