@@ -93,11 +93,12 @@ def rendered(request):
 
 def test_lint_strict(tmp_path):
     # The only finding on the chart as committed is the dependency that `helm dependency build` fetches.
+    fetched = any((CHART / "charts").glob("airflow-*.tgz"))
     report = helm.lint(CHART, profile_values("default"), strict=True)
-    assert report["errors"] == ["chart directory is missing these dependencies: airflow"], report
+    assert report["errors"] == ([] if fetched else ["chart directory is missing these dependencies: airflow"]), report
     # With that stanza removed, strict lint (warnings are errors) finds nothing, for every profile.
     chart = tmp_path / "lora-pipeline"
-    shutil.copytree(CHART, chart)
+    shutil.copytree(CHART, chart, ignore=shutil.ignore_patterns("charts"))
     meta = yaml.safe_load((chart / "Chart.yaml").read_text())
     meta.pop("dependencies")
     (chart / "Chart.yaml").write_text(yaml.safe_dump(meta))
