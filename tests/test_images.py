@@ -124,7 +124,12 @@ def test_step_image_entrypoint_is_the_step_cli(name):
     assert instructions(dockerfile)[-1][0] in ("CMD", "ENTRYPOINT")
     user = [args for keyword, args in instructions(dockerfile) if keyword == "USER"][-1]
     assert user.isdigit() and int(user) != 0
-    assert "/models/cache" in steps["VOLUME"] and "LORA_PIPELINE_CACHE=/models/cache" in dockerfile.read_text()
+    # the model cache is where the DAG mounts the cache PVC of the Kubernetes step pods
+    (cache_mount,) = re.findall(
+        r'^CACHE_MOUNT = "([^"]+)"', (ROOT / "dags" / "lora_pipeline_tasks.py").read_text(), re.M
+    )
+    assert json_list(steps["VOLUME"]) == [cache_mount]
+    assert f"LORA_PIPELINE_CACHE={cache_mount}" in dockerfile.read_text()
     # the project is installed with the extras the steps import, never with an unpinned torch
     (extras,) = re.findall(r"\[([a-z,]+)\]\"", dockerfile.read_text())
     assert {"pipeline", "preprocess"} <= set(extras.split(",")), extras
