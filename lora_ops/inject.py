@@ -156,9 +156,7 @@ def load_adapter(
     for name, mod in modules.items():
         layer = get_module(model, name)
         if layer is None:
-            raise ValueError(
-                f"{component} has no module {name!r}: this LoRA was made for another architecture"
-            )
+            raise ValueError(f"{component} has no module {name!r}: this LoRA was made for another architecture")
         base = getattr(layer, "base_layer", layer)
         if isinstance(base, nn.Conv2d):
             want_a = (mod.r, base.in_channels // base.groups, *base.kernel_size)

@@ -110,15 +110,24 @@ def fuse_lora(pipe, adapter_names_: Sequence[str] | None = None) -> None:
     peft's safe merge computes each merged weight in a copy and refuses non-finite results before the
     base weight is replaced.
     """
-    for model in _models(pipe).values():
-        for name, layer in lora_layers(model).items():
-            names = [n for n in (adapter_names_ or layer.active_adapters) if n in layer.lora_A]
-            if not names:
-                continue
-            try:
-                layer.merge(safe_merge=True, adapter_names=names)
-            except ValueError as exc:
-                raise ValueError(f"fusing {name}: {exc}") from None
+    merged = []
+    try:
+        for model in _models(pipe).values():
+            for name, layer in lora_layers(model).items():
+                names = [n for n in (adapter_names_ or layer.active_adapters) if n in layer.lora_A]
+                if not names:
+                    continue
+                try:
+                    layer.merge(safe_merge=True, adapter_names=names)
+                except ValueError as exc:
+                    raise ValueError(f"fusing {name}: {exc}") from None
+                merged.append(layer)
+    except ValueError:
+        # all or nothing: undo the layers fused before the failure
+        for layer in merged:
+            while layer.merged:
+                layer.unmerge()
+        raise
 
 
 def unfuse_lora(pipe) -> None:

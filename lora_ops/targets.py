@@ -30,6 +30,11 @@ def _base_layer(module: nn.Module) -> nn.Module:
     return getattr(module, "base_layer", module)
 
 
+def _peft_internal(name: str) -> bool:
+    """Modules peft adds inside a LoRA layer (the wrapped layer, the adapters' own Linear/Conv2d)."""
+    return ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name
+
+
 def preset_targets(model: nn.Module, preset: str) -> list[str]:
     """Full module names targeted by `preset`, in the original project's traversal order.
 
@@ -45,7 +50,7 @@ def preset_targets(model: nn.Module, preset: str) -> list[str]:
         if type(parent).__name__ not in classes:
             continue
         for child_name, child in parent.named_modules():
-            if not child_name or "lora_" in child_name or child_name.endswith("base_layer"):
+            if not child_name or _peft_internal("." + child_name):
                 continue
             if isinstance(_base_layer(child), kinds) and not isinstance(child, nn.ModuleDict):
                 full = f"{parent_name}.{child_name}" if parent_name else child_name
@@ -64,14 +69,16 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]
     """
     if isinstance(targets, str):
         return preset_targets(model, targets)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n}
+    layers = {
+        n: m
+        for n, m in model.named_modules()
+        if n and isinstance(_base_layer(m), (nn.Linear, nn.Conv2d)) and not _peft_internal(n)
+    }
     names: list[str] = []
     for entry in targets:
         pattern = re.compile(entry) if any(c in entry for c in "*[]()|^$+?\\") else None
         hits = [
-            n
-            for n in layers
-            if n == entry or n.endswith("." + entry) or (pattern is not None and pattern.fullmatch(n))
+            n for n in layers if n == entry or n.endswith("." + entry) or (pattern is not None and pattern.fullmatch(n))
         ]
         if not hits:
             close = difflib.get_close_matches(entry, list(layers), n=5, cutoff=0.5)

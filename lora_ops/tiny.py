@@ -164,6 +164,25 @@ def write_byte_level_tokenizer(directory: str | Path, vocab_size: int) -> None:
     )
 
 
+def arch_config(arch: Arch) -> dict:
+    """The component configs of `arch`: {"unet": ..., "vae": ..., "text": ..., "prediction_type": ...}."""
+    if arch not in _ARCH_CONFIGS:
+        raise ValueError(f"arch={arch!r} is not one of {ARCHS}")
+    return _ARCH_CONFIGS[arch]
+
+
+def build_models(arch: Arch = "tiny", inpainting: bool = False):
+    """(unet, text_encoder) of `arch` with random weights, in memory (on the meta device for shape checks
+    when called under `with torch.device("meta")`)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = arch_config(arch)
+    unet = UNet2DConditionModel(in_channels=9 if inpainting else 4, out_channels=4, **cfg["unet"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    return unet, text_encoder
+
+
 def make_tiny_model(
     directory: str | Path,
     arch: Arch = "tiny",
@@ -187,17 +206,19 @@ def make_tiny_model(
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    if arch not in _ARCH_CONFIGS:
-        raise ValueError(f"arch={arch!r} is not one of {ARCHS}")
-    cfg = _ARCH_CONFIGS[arch]
+    cfg = arch_config(arch)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(in_channels=9 if inpainting else 4, out_channels=4, **cfg["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, **cfg["vae"])
-    text_config = CLIPTextConfig(bos_token_id=cfg["text"]["vocab_size"] - 2, eos_token_id=cfg["text"]["vocab_size"] - 1,
-                                 pad_token_id=cfg["text"]["vocab_size"] - 1, **cfg["text"])
+    text_config = CLIPTextConfig(
+        bos_token_id=cfg["text"]["vocab_size"] - 2,
+        eos_token_id=cfg["text"]["vocab_size"] - 1,
+        pad_token_id=cfg["text"]["vocab_size"] - 1,
+        **cfg["text"],
+    )
     text_encoder = CLIPTextModel(text_config)
     write_byte_level_tokenizer(directory / "tokenizer", cfg["text"]["vocab_size"])
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer", model_max_length=77)

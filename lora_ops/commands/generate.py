@@ -1,0 +1,60 @@
+"""`lora-ops generate`: text-to-image, image-to-image or inpainting with zero or more LoRAs."""
+
+from __future__ import annotations
+
+from ..generate import GenerateConfig, LoraUse, generate, save_images
+
+
+def run(args) -> int:
+    config = GenerateConfig(
+        model=args.model,
+        prompts=args.prompt,
+        loras=[LoraUse.parse(s) for s in args.lora],
+        task=args.task,
+        init_image=args.init_image,
+        mask_image=args.mask_image,
+        seeds=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        strength=args.strength,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    paths, grid = save_images(generate(config), config, args.out)
+    print(f"wrote {len(paths)} images and {grid}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate images with a base model and LoRAs")
+    p.add_argument("--model", required=True, help="base model: hub id or diffusers folder")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:UNET[:TEXT]]",
+        help="LoRA file with optional UNet and text-encoder scales (repeat for several)",
+    )
+    p.add_argument("--task", choices=["text2img", "img2img", "inpaint"], default="text2img")
+    p.add_argument("--init-image", help="input image for img2img / inpaint")
+    p.add_argument("--mask-image", help="mask for inpaint (white = repaint)")
+    p.add_argument("--seed", type=int, action="append", default=None, help="seed (repeat for several; default 0)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--strength", type=float, default=0.75, help="img2img/inpaint strength")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--out", required=True, help="output folder (PNGs and grid.png)")
+    p.set_defaults(func=lambda a: run(_defaults(a)))
+
+
+def _defaults(args):
+    args.seed = args.seed or [0]
+    return args
