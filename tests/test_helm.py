@@ -298,3 +298,30 @@ def test_notes_tell_how_to_reach_the_uis():
         {**profile_values("default"), "airflow": {**yaml.safe_load((CHART / "values.yaml").read_text())["airflow"]}}
     )
     assert f"kubectl --namespace {NAMESPACE} port-forward svc/{RELEASE}-api-server 8080:8080" in notes
+
+
+def test_airflow_enabled_creates_the_gpu_pool_the_dag_uses():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    docs, _ = render({"airflow": values["airflow"]})  # Airflow on: our templates render, the dependency is absent
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSIONS[0], strict=True)
+    (job,) = find(docs, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    # the pool the DAG puts its GPU steps in, sized by the values
+    (dag_pool,) = re.findall(
+        r'^GPU_POOL = "([^"]+)"', (CHART.parents[1] / "dags" / "lora_pipeline_tasks.py").read_text(), re.M
+    )
+    command = container["args"][-1]
+    assert f'airflow pools set "{dag_pool}" {values["pipeline"]["gpuPool"]["slots"]} ' in command
+    assert command.startswith("airflow db check-migrations")
+    assert container["image"] == "lora-pipeline-airflow:0.1.0"
+    (env,) = container["env"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-metadata", "key": "connection"}
+    # without Airflow in the release, or with the pool managed elsewhere, there is no Job
+    assert not find(render(profile_values("default"))[0], "Job")
+    off = {
+        "airflow": values["airflow"],
+        "pipeline": {**values["pipeline"], "gpuPool": {"create": False, "name": "x", "slots": 1}},
+    }
+    assert not find(render(off)[0], "Job")
