@@ -53,9 +53,9 @@ def detect_format(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None
         raise ValueError("the file holds no tensors")
     if any(re.fullmatch(r"(unet|text_encoder):\d+:(up|down)", k) for k in keys):
         return "lora_diffusion"
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+        raise ValueError("detected kohya layout for SDXL (lora_te1_/lora_te2_ keys): only SD 1.x/2.x are supported")
     if any(k.startswith(("lora_unet_", "lora_te_", BUNDLE_PREFIX)) for k in keys):
-        if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-            raise ValueError("detected kohya layout for SDXL (lora_te1_/lora_te2_ keys): only SD 1.x/2.x are supported")
         return "kohya"
     if any(k.startswith(("unet.", "text_encoder.")) for k in keys):
         return "diffusers"
@@ -144,11 +144,16 @@ def model_skeletons(base: Any) -> dict[str, nn.Module]:
 
 
 def module_names(models: Mapping[str, nn.Module]) -> dict[str, list[str]]:
-    """Canonical names of every Linear/Conv2d per component."""
-    return {
-        comp: [canonical_name(comp, n) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        for comp, model in models.items()
-    }
+    """Canonical names of every Linear/Conv2d per component (peft wrappers named as the wrapped layer)."""
+    out = {}
+    for comp, model in models.items():
+        names = []
+        for name, module in model.named_modules():
+            if ".lora_" in name or not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            names.append(canonical_name(comp, name.removesuffix(".base_layer")))
+        out[comp] = names
+    return out
 
 
 def lora_from_raw(

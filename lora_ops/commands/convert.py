@@ -1,0 +1,32 @@
+"""`lora-ops convert IN OUT --to FORMAT`: between native, diffusers, kohya, lora_diffusion, A1111 embeddings."""
+
+from __future__ import annotations
+
+FORMATS = ("native", "diffusers", "kohya", "lora_diffusion", "a1111_embedding")
+
+
+def run(args) -> int:
+    from ..formats import read_any, write_any
+
+    lora = read_any(args.input, base=args.base, token=args.token)
+    path = write_any(args.output, lora, args.to, base=args.base)
+    print(f"{lora.metadata.get('source_format', 'native')} -> {args.to}: {path}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a LoRA or embedding between formats (native, diffusers, kohya, lora_diffusion, A1111)",
+        description="Reads any supported format (.safetensors, or .pt/.bin read with weights_only=True) and "
+        "writes FORMAT. Scales are preserved exactly (see docs/surgery.md).",
+    )
+    p.add_argument("input", help="input file (format detected from metadata and keys)")
+    p.add_argument(
+        "output",
+        help="output file; for --to diffusers a folder (LoRA + one embedding per token) unless it ends in .safetensors",
+    )
+    p.add_argument("--to", choices=FORMATS, required=True, help="output format")
+    p.add_argument("--base", help="base model folder: needed for lora_diffusion in or out; checks shapes when given")
+    p.add_argument("--token", help="token name for an A1111 embedding input (default: <file stem>)")
+    p.set_defaults(func=run)

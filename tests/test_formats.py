@@ -1,0 +1,188 @@
+"""Format conversions: exact round trips, diffusers' own loaders on our exports, refused and unknown input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from surgery_utils import random_lora, run_pipe
+
+from lora_ops import load_lora, load_pipeline, patch_pipeline, remove_lora, save_lora
+from lora_ops.cli import main as cli
+from lora_ops.convert import (
+    convert_diffusers_to_native,
+    convert_kohya_to_native,
+    convert_native_to_diffusers,
+    convert_native_to_kohya,
+)
+from lora_ops.diffusers_export import export_diffusers
+from lora_ops.formats import detect_format, model_skeletons, module_names, read_any, write_any
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    return load_pipeline(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def lora(pipe):
+    """UNet attention + resnet convs (extended), text encoder, two tokens."""
+    return random_lora(pipe, seed=1, r=4, unet="unet-extended")
+
+
+def _same(sd_a, sd_b):
+    assert sorted(sd_a) == sorted(sd_b)
+    for key in sd_a:
+        assert torch.equal(sd_a[key], sd_b[key]), key
+
+
+def test_native_kohya_native_is_exact_with_conv(lora):
+    native = lora.state_dict()
+    kohya = convert_native_to_kohya(native)
+    assert any(k.endswith("resnets_0_conv1.lora_down.weight") for k in kohya)
+    assert kohya["bundle_emb.<s1>.string_to_param.*"].shape == (1, 32)
+    _same(convert_kohya_to_native(kohya), native)  # names rebuilt without a model
+
+
+def test_kohya_alpha_is_folded_into_lora_B(lora):
+    kohya = convert_native_to_kohya(lora.state_dict(), include_tokens=False)
+    key = next(k for k in kohya if k.endswith(".alpha"))
+    base = key[: -len(".alpha")]
+    r = kohya[base + ".lora_down.weight"].shape[0]
+    kohya[key] = torch.tensor(2.0 * r)  # scale 2
+    native = convert_kohya_to_native(kohya)
+    comp = "unet" if base.startswith("lora_unet_") else "text_encoder"
+    name = next(k for k in native if k.endswith(".lora_B.weight") and kohya_base(k, comp) == base)
+    assert torch.allclose(native[name], 2.0 * kohya[base + ".lora_up.weight"])
+
+
+def kohya_base(native_key: str, comp: str) -> str:
+    from lora_ops.convert import kohya_name
+
+    return kohya_name(comp, native_key[len(comp) + 1 : -len(".lora_B.weight")])
+
+
+def test_native_diffusers_native_is_exact(lora):
+    native = lora.state_dict()
+    diff = convert_native_to_diffusers(native)
+    assert not any(k.startswith("token_embeddings.") for k in diff)
+    back = convert_diffusers_to_native(diff)
+    _same(back, {k: v for k, v in native.items() if not k.startswith("token_embeddings.")})
+
+
+def test_diffusers_alpha_metadata_is_folded():
+    a, b = torch.randn(2, 8), torch.randn(8, 2)
+    sd = {"unet.x.to_q.lora_A.weight": a, "unet.x.to_q.lora_B.weight": b}
+    meta = {
+        "lora_adapter_metadata": '{"unet.r": 2, "unet.lora_alpha": 8, "unet.rank_pattern": {}, "unet.alpha_pattern": {}}'
+    }
+    out = convert_diffusers_to_native(sd, meta)
+    assert torch.allclose(out["unet.x.to_q.lora_B.weight"], 4 * b)
+
+
+def test_diffusers_loads_our_exports_same_image(tiny_model, pipe, lora, tmp_path):
+    """diffusers' own loaders on our exports give the image of our native patching (same seed).
+
+    kohya: diffusers' kohya conversion, UNet attention + resnet convs and text encoder.
+    diffusers export: load_lora_weights + load_textual_inversion for each token.
+    """
+    base = run_pipe(pipe, "a photo")
+    no_tokens = type(lora)(unet=lora.unet, text_encoder=lora.text_encoder, metadata=lora.metadata)
+    path = write_any(tmp_path / "k.safetensors", no_tokens, "kohya")
+    theirs = load_pipeline(tiny_model)
+    theirs.load_lora_weights(str(path))
+    patch_pipeline(pipe, no_tokens, adapter_name="kohya")
+    try:
+        ours = run_pipe(pipe, "a photo")
+    finally:
+        remove_lora(pipe, "kohya")
+    assert np.abs(ours - base).max() > 1e-3  # the LoRA changes the image
+    np.testing.assert_allclose(run_pipe(theirs, "a photo"), ours, atol=1e-5)
+
+    theirs.unload_lora_weights()
+    paths = export_diffusers(lora, tmp_path / "out")
+    theirs.load_lora_weights(str(tmp_path / "out"))
+    for token in lora.tokens:
+        theirs.load_textual_inversion(str(paths[token]), token=token)
+    patch_pipeline(pipe, lora, adapter_name="full")
+    try:
+        ours = run_pipe(pipe)
+    finally:
+        remove_lora(pipe, "full")
+    np.testing.assert_allclose(run_pipe(theirs), ours, atol=1e-5)
+
+
+def test_native_file_is_rejected_by_diffusers_but_export_works(tiny_model, lora, tmp_path):
+    save_lora(tmp_path / "n.safetensors", lora)
+    with pytest.raises(Exception):  # noqa: B017 - documenting diffusers' behaviour, whatever it raises
+        load_pipeline(tiny_model).load_lora_weights(str(tmp_path / "n.safetensors"))
+
+
+def test_kohya_with_model_names_is_exact_and_checked(pipe, lora):
+    names = module_names(model_skeletons(pipe))
+    kohya = convert_native_to_kohya(lora.state_dict())
+    _same(convert_kohya_to_native(kohya, names), lora.state_dict())
+    kohya["lora_unet_not_a_module.lora_down.weight"] = torch.zeros(1, 2)
+    kohya["lora_unet_not_a_module.lora_up.weight"] = torch.zeros(2, 1)
+    with pytest.raises(ValueError, match="lora_unet_not_a_module"):
+        convert_kohya_to_native(kohya, names)
+
+
+def test_read_any_every_format_round_trip(pipe, lora, tmp_path):
+    for fmt in ("native", "kohya"):
+        back = read_any(write_any(tmp_path / f"{fmt}.safetensors", lora, fmt), base=pipe)
+        _same(back.state_dict(), lora.state_dict())
+        assert back.metadata.get("source_format", "native") == fmt
+    back = read_any(write_any(tmp_path / "d.safetensors", lora, "diffusers"))
+    assert set(back.unet) == set(lora.unet) and not back.tokens
+    emb = write_any(tmp_path / "e.safetensors", lora, "a1111_embedding")
+    tokens = read_any(emb, token="<x>").tokens
+    assert list(tokens) == ["<x>", "<x>_1"]
+    assert torch.equal(tokens["<x>_1"], lora.tokens["<s2>"])
+
+
+def test_a1111_pt_embedding_read_with_weights_only(tmp_path):
+    rows = torch.randn(2, 32)
+    torch.save(
+        {"string_to_param": {"*": rows}, "string_to_token": {"*": 265}, "name": "cat", "step": 5}, tmp_path / "cat.pt"
+    )
+    lora = read_any(tmp_path / "cat.pt")
+    assert list(lora.tokens) == ["<cat>", "<cat>_1"]
+    assert torch.equal(lora.tokens["<cat>_1"], rows[1])
+    # .pt -> safetensors through the CLI
+    assert cli(["convert", str(tmp_path / "cat.pt"), str(tmp_path / "cat.safetensors"), "--to", "a1111_embedding"]) == 0
+    assert torch.equal(read_any(tmp_path / "cat.safetensors", token="<cat>").tokens["<cat>"], rows[0])
+
+
+class Payload:
+    """Any class outside torch's allow-list: unpickling it would run code."""
+
+
+def test_pickle_needing_code_is_refused(tmp_path, capsys):
+    torch.save({"string_to_param": {"*": torch.zeros(1, 4)}, "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="refused: this pickle needs arbitrary code"):
+        read_any(tmp_path / "evil.pt")
+    assert cli(["inspect", str(tmp_path / "evil.pt")]) == 2
+    assert "refused" in capsys.readouterr().err
+
+
+def test_unknown_layouts_say_what_was_detected(tmp_path):
+    save_file({"model.foo.weight": torch.zeros(2)}, tmp_path / "u.safetensors")
+    with pytest.raises(ValueError, match=r"unknown key layout.*model\.foo\.weight"):
+        read_any(tmp_path / "u.safetensors")
+    kohya = {"lora_unet_a_b.hada_w1_a": torch.zeros(2, 2), "lora_unet_a_b.alpha": torch.tensor(1.0)}
+    assert detect_format(kohya) == "kohya"
+    with pytest.raises(ValueError, match=r"detected kohya layout.*hada_w1_a"):
+        convert_kohya_to_native(kohya)
+    with pytest.raises(ValueError, match=r"detected diffusers/PEFT layout.*unet\.x\.weird"):
+        convert_diffusers_to_native({"unet.x.weird": torch.zeros(1)})
+    with pytest.raises(ValueError, match="SDXL"):
+        detect_format({"lora_te1_text_model_x.lora_down.weight": torch.zeros(1)})
+
+
+def test_convert_cli_native_to_kohya_to_native(lora, pipe, tmp_path):
+    save_lora(tmp_path / "a.safetensors", lora)
+    assert cli(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
+    assert cli(["convert", str(tmp_path / "k.safetensors"), str(tmp_path / "b.safetensors"), "--to", "native"]) == 0
+    _same(load_lora(tmp_path / "b.safetensors").state_dict(), lora.state_dict())
