@@ -1,0 +1,84 @@
+"""
+### lora_retrain: retrain a subject when its dataset changes
+
+The dataset collection is the Airflow Asset `lora_datasets` (`s3://<bucket>/datasets/`). Whoever changes a
+dataset records an event on it: the `lora_dataset_updated` DAG below (trigger it with
+`{"subject": "dog"}` after an upload), or `POST /api/v2/assets/events` with `extra: {"subject": "dog"}`.
+`lora_retrain` runs on every such event, checks the named subjects (all of them when an event names
+none) against their champions' dataset lineage and triggers `lora_finetune` for those that changed.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import DAG, Param, task
+
+sys.path.insert(0, str(Path(__file__).parent))  # the DAG folder's own modules, wherever it is mounted
+from lora_datasets import DATASETS, SUBJECT_PATTERN, finetune_confs, subjects_to_train  # noqa: E402
+
+DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=1)}
+
+with DAG(
+    dag_id="lora_dataset_updated",
+    description="Record that a subject's dataset changed (the producer of the lora_datasets asset)",
+    doc_md=__doc__,
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    tags=["lora", "data"],
+    params={"subject": Param("example", type="string", pattern=SUBJECT_PATTERN, title="Subject")},
+    default_args=DEFAULT_ARGS,
+):
+
+    @task(outlets=[DATASETS])
+    def announce(params=None, outlet_events=None) -> dict[str, str]:
+        """One asset event naming the subject whose dataset changed."""
+        extra = {"subject": params["subject"], "dataset_uri": f"{DATASETS.uri}{params['subject']}/"}
+        outlet_events[DATASETS].extra = extra
+        return extra
+
+    announce()
+
+
+with DAG(
+    dag_id="lora_retrain",
+    description="Fine-tune the subjects named by new lora_datasets events whose data changed",
+    doc_md=__doc__,
+    schedule=[DATASETS],
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["lora", "data"],
+    params={
+        "model_prefix": Param("lora-", type="string", pattern=r"^[A-Za-z0-9._-]*$", title="Model name prefix"),
+        "finetune_conf": Param({}, type="object", title="lora_finetune conf for every run"),
+    },
+    default_args=DEFAULT_ARGS,
+):
+
+    @task
+    def changed(params=None, triggering_asset_events=None) -> list[dict[str, Any]]:
+        """The lora_finetune conf of every named subject whose dataset differs from its champion's."""
+        events = [e for evs in (triggering_asset_events or {}).values() for e in evs]
+        named = {e.extra["subject"] for e in events if (e.extra or {}).get("subject")}
+        only = named if named and all((e.extra or {}).get("subject") for e in events) else None
+        print(f"{len(events)} dataset event(s); checking {sorted(named) if only else 'every subject'}")
+        subjects, uris = subjects_to_train(DATASETS.uri, params["model_prefix"], only=only)
+        return finetune_confs(subjects, uris, params["model_prefix"], dict(params["finetune_conf"]))
+
+    confs = changed()
+    finetune = TriggerDagRunOperator.partial(
+        task_id="finetune",
+        trigger_dag_id="lora_finetune",
+        wait_for_completion=True,
+        poke_interval=30,
+        max_active_tis_per_dagrun=2,
+        map_index_template="{{ task.conf.model_name }}",
+    ).expand(conf=confs)
+
+    confs >> finetune

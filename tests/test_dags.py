@@ -1,0 +1,242 @@
+"""The Airflow DAGs: they import cleanly and fast, without the ML stack; structure, params and step flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DAGS = ROOT / "dags"
+# Airflow reads its configuration when first imported: a private home, no examples, this repo's DAGs
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="airflow-home-"))
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
+os.environ.pop("LORA_PIPELINE_EXECUTOR", None)
+sys.path.insert(0, str(DAGS))
+
+from airflow.dag_processing.dagbag import DagBag  # noqa: E402
+from airflow.sdk.definitions.param import ParamValidationError  # noqa: E402
+from lora_finetune import build_commands, run_key  # noqa: E402
+from lora_pipeline_tasks import GPU_POOL, ExecutorConfig, LocalStepOperator, step_command  # noqa: E402
+
+EXPECTED_DAGS = {"lora_finetune", "lora_batch", "lora_retrain", "lora_dataset_updated"}
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    return DagBag(dag_folder=str(DAGS))
+
+
+@pytest.fixture(scope="module")
+def finetune(dagbag):
+    return dagbag.dags["lora_finetune"]
+
+
+@pytest.fixture(scope="module")
+def served_params(finetune):
+    """The params as the scheduler and API server see them (after DAG serialisation)."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    return DagSerialization.from_dict(DagSerialization.to_dict(finetune)).params
+
+
+def test_dagbag_imports_without_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert EXPECTED_DAGS <= set(dagbag.dags)
+
+
+def test_house_rules_on_every_dag(dagbag):
+    for dag_id in EXPECTED_DAGS:
+        dag = dagbag.dags[dag_id]
+        assert dag.catchup is False, dag_id
+        assert dag.tags, dag_id
+        assert dag.doc_md and dag.doc_md.strip().startswith("###"), dag_id
+        for t in dag.tasks:
+            assert t.retries >= 2, f"{dag_id}.{t.task_id} has retries={t.retries}"
+
+
+def test_parsing_the_dags_imports_no_ml_stack_and_is_fast():
+    code = (
+        "import sys, time\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        "t = time.perf_counter(); b = DagBag(dag_folder=sys.argv[1]); dt = time.perf_counter() - t\n"
+        "assert not b.import_errors, b.import_errors\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'lora_ops', 'mlflow', 'minio') "
+        "if m in sys.modules)\n"
+        "print(heavy, len(b.dags), round(dt, 3))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_PIPELINE_")}
+    out = subprocess.run([sys.executable, "-c", code, str(DAGS)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    heavy, count, seconds = out.stdout.strip().splitlines()[-1].rsplit(" ", 2)
+    assert heavy == "[]", f"parsing the DAGs imported {heavy}"
+    assert int(count) >= len(EXPECTED_DAGS)
+    assert float(seconds) < 5.0  # the DAG files themselves; the scheduler re-parses them often
+
+
+def test_finetune_structure(finetune):
+    assert finetune.schedule is None
+    ids = {t.task_id for t in finetune.tasks}
+    assert ids == {"plan", "per_rank", "preprocess", "invert", "tune", "distill", "evaluate", "register"}
+    chain = ["preprocess", "invert", "tune", "distill", "evaluate", "register"]
+    for up, down in zip(chain, chain[1:], strict=False):
+        assert finetune.get_task(down).upstream_task_ids >= {up}, f"{up} >> {down}"
+    assert finetune.get_task("preprocess").upstream_task_ids >= {"plan", "per_rank"}
+    for step in ("preprocess", "invert", "tune", "distill", "evaluate"):
+        assert finetune.get_task(step).pool == GPU_POOL, step
+    assert finetune.get_task("register").pool != GPU_POOL
+    distill = finetune.get_task("distill")
+    assert type(distill).__name__ == "MappedOperator"
+    assert "--rank" in distill.map_index_template
+    assert isinstance(finetune.get_task("tune"), LocalStepOperator)  # the default executor
+
+
+def test_map_index_template_names_the_rank(finetune):
+    from jinja2 import Environment
+
+    template = finetune.get_task("distill").map_index_template
+
+    class Task:
+        arguments = ["--run-id", "r", "--lora", "s3://b/t/", "--rank", "4", "--out", "s3://b/d/r4/"]
+
+    assert Environment().from_string(template).render(task=Task()) == "rank 4"
+
+
+def _conf(**overrides):
+    conf = {
+        "dataset_uri": "s3://lora-pipeline/datasets/dog/",
+        "model_name": "dog-lora",
+        "ranks": [4, 2],
+        "resolution": 64,
+    }
+    conf.update(overrides)
+    return conf
+
+
+def test_params_schema_accepts_the_defaults_and_a_good_conf(finetune, served_params):
+    finetune.params.validate()
+    resolved = served_params.deep_merge(_conf()).validate()
+    assert resolved["ranks"] == [4, 2] and resolved["template"] == "object"
+    schema = finetune.params.get_param("ranks").schema
+    assert schema["type"] == "array" and schema["items"]["minimum"] == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"dataset_uri": "http://example.com/dog"},
+        {"dataset_uri": "relative/folder"},
+        {"model_name": "has spaces"},
+        {"placeholder_tokens": "s1|s2"},
+        {"ranks": []},
+        {"ranks": [0]},
+        {"ranks": [4, 4]},
+        {"resolution": 100},
+        {"invert_steps": 0},
+        {"tune_lr_unet": 0},
+        {"promotion_metric": "loss"},
+        {"template": "portrait"},
+        {"executor_profile": "tpu"},
+    ],
+    ids=lambda bad: next(iter(bad)),
+)
+def test_invalid_trigger_conf_is_rejected(served_params, bad):
+    # the same call Airflow makes when a run is created from the form, the API or the CLI
+    with pytest.raises(ParamValidationError):
+        served_params.deep_merge(_conf(**bad)).validate()
+
+
+def _params(served_params, **overrides):
+    return served_params.deep_merge(_conf(**overrides)).validate()
+
+
+def test_build_commands_chains_step_outputs(served_params):
+    run_id = "manual__2026-01-01T00:00:00+00:00"
+    cmds = build_commands(run_id, _params(served_params, initializer_tokens="dog|photo", caption_model="none"), "bkt")
+    root = f"s3://bkt/runs/{run_key(run_id)}"
+    assert run_key(run_id) == "manual__2026-01-01T00-00-00-00-00"
+
+    def flag(args, name):
+        return [args[i + 1] for i, a in enumerate(args) if a == name]
+
+    assert flag(cmds["preprocess"], "--dataset") == ["s3://lora-pipeline/datasets/dog/"]
+    assert flag(cmds["preprocess"], "--caption-model") == ["none"]
+    assert flag(cmds["invert"], "--dataset") == [f"{root}/preprocess/"]
+    assert flag(cmds["invert"], "--initializer-tokens") == ["dog|photo"]
+    assert flag(cmds["tune"], "--tokens") == [f"{root}/invert/"]
+    assert [flag(a, "--rank") for a in cmds["distill"]] == [["4"], ["2"]]
+    assert [flag(a, "--lora") for a in cmds["distill"]] == [[f"{root}/tune/"]] * 2
+    assert flag(cmds["evaluate"], "--lora") == [f"{root}/distill/r4/", f"{root}/distill/r2/"]
+    assert flag(cmds["register"], "--evaluation") == [f"{root}/evaluate/"]
+    for step in ("preprocess", "invert", "tune", "evaluate", "register", *["distill"] * 2):
+        args = cmds[step] if step != "distill" else cmds["distill"][0]
+        assert flag(args, "--run-id") == [run_id], step
+    assert "--device" not in cmds["register"]
+    json.dumps(cmds)  # XCom-serialisable
+
+
+def test_build_commands_parse_with_the_real_step_parsers(served_params):
+    import importlib
+
+    cmds = build_commands("manual__x", _params(served_params, caption_model="none"), "bkt")
+    for step in ("preprocess", "invert", "tune", "distill", "evaluate", "register"):
+        module = importlib.import_module(f"steps.{step}")
+        for args in cmds[step] if step == "distill" else [cmds[step]]:
+            module.build_parser().parse_args(args)  # argparse exits on an unknown or malformed flag
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"ranks": [8], "tune_rank": 4}, "ranks"),
+        ({"initializer_tokens": "dog"}, "initializer_tokens"),
+    ],
+)
+def test_build_commands_rejects_inconsistent_forms(served_params, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_commands("r", _params(served_params, **overrides), "bkt")
+
+
+def test_executor_config_from_env():
+    cfg = ExecutorConfig.from_env({})
+    assert cfg.executor == "local" and cfg.python == sys.executable and cfg.gpu_resource == "nvidia.com/gpu"
+    cfg = ExecutorConfig.from_env(
+        {
+            "LORA_PIPELINE_EXECUTOR": "kubernetes",
+            "LORA_PIPELINE_GPU_COUNT": "2",
+            "LORA_PIPELINE_GPU_NODE_SELECTOR": '{"gpu": "h100"}',
+            "LORA_PIPELINE_GPU_TOLERATIONS": '[{"key": "nvidia.com/gpu", "operator": "Exists"}]',
+        }
+    )
+    assert cfg.gpu_count == 2 and cfg.gpu_node_selector == {"gpu": "h100"} and len(cfg.gpu_tolerations) == 1
+    with pytest.raises(ValueError, match="LORA_PIPELINE_EXECUTOR"):
+        ExecutorConfig.from_env({"LORA_PIPELINE_EXECUTOR": "slurm"})
+    with pytest.raises(ValueError, match="LORA_PIPELINE_GPU_NODE_SELECTOR"):
+        ExecutorConfig.from_env({"LORA_PIPELINE_GPU_NODE_SELECTOR": "{gpu: h100"})
+    with pytest.raises(ValueError, match="LORA_PIPELINE_GPU_TOLERATIONS"):
+        ExecutorConfig.from_env({"LORA_PIPELINE_GPU_TOLERATIONS": '{"key": "x"}'})
+    with pytest.raises(ValueError, match="LORA_PIPELINE_GPU_COUNT"):
+        ExecutorConfig.from_env({"LORA_PIPELINE_GPU_COUNT": "one"})
+    with pytest.raises(ValueError, match="step"):
+        step_command("train")
+
+
+def test_a_dag_with_a_bad_executor_setting_is_an_import_error(monkeypatch):
+    monkeypatch.setenv("LORA_PIPELINE_EXECUTOR", "slurm")
+    errors = DagBag(dag_folder=str(DAGS / "lora_finetune.py")).import_errors
+    assert "LORA_PIPELINE_EXECUTOR" in str(errors)
+
+
+def test_local_operator_fails_without_retry_on_invalid_input():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    op = LocalStepOperator(task_id="t", step="register", arguments=["--run-id", "r"], python=sys.executable,
+                           env_vars={})  # fmt: skip
+    with pytest.raises(AirflowFailException, match="exit 2"):
+        op.execute({})  # argparse: --evaluation and --model-name are required -> exit 2
