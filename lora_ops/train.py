@@ -577,8 +577,8 @@ def run_phase(
 
         # ---- report
         losses.append(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if callback is not None:
             callback(phase.step_offset + step + 1, {"loss": loss_value, "lr": lr, "phase": phase.name})
 
