@@ -229,3 +229,28 @@ def test_build_script_says_when_no_engine_is_reachable(tmp_path):
     env["DOCKER"] = str(tmp_path / "missing-docker")
     result = subprocess.run(["bash", IMAGES / "build.sh"], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode != 0 and "missing-docker" in result.stderr
+
+
+def test_constraints_pin_every_version_the_step_images_install():
+    lines = [line for line in (IMAGES / "constraints.txt").read_text().splitlines() if not line.startswith("#")]
+    pins = {}
+    for line in lines:
+        name, sep, version = line.partition("==")
+        assert sep and re.fullmatch(r"[a-z0-9._-]+", name) and re.fullmatch(r"[\w.+!-]+", version), line
+        pins[name] = version
+    (torch_version,) = re.findall(r"^ARG TORCH_VERSION=(\S+)", (IMAGES / "Dockerfile.step-cuda").read_text(), re.M)
+    assert pins["torch"] == torch_version
+    # the pinned versions satisfy the project's requirements (core and the extras the images install)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    requirements = [*project["dependencies"], *extras["pipeline"], *extras["preprocess"], *extras["train"]]
+    for requirement in map(Requirement, requirements):
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        version = pins.get(name) or pins.get(name.replace("-", "_"))
+        assert version, f"images/constraints.txt lacks {requirement.name}: run images/lock.sh"
+        assert requirement.specifier.contains(version, prereleases=True), (str(requirement), version)
+    # every pip install of the step images runs under these constraints
+    for name in STEP_IMAGES:
+        installs = [a for k, a in instructions(IMAGES / name) if k == "RUN" and "pip install" in a]
+        assert len(installs) == 2, name
+        assert all("--constraint images/constraints.txt" in a for a in installs), name
