@@ -81,7 +81,9 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]
             n for n in layers if n == entry or n.endswith("." + entry) or (pattern is not None and pattern.fullmatch(n))
         ]
         if not hits:
-            close = difflib.get_close_matches(entry, list(layers), n=5, cutoff=0.5)
+            # compare with every dotted tail ("to_q", "attn1.to_q", ...) so short names find short names
+            tails = {".".join(n.split(".")[i:]) for n in layers for i in range(len(n.split(".")))}
+            close = difflib.get_close_matches(entry, sorted(tails), n=5, cutoff=0.6)
             hint = f"; close matches: {close}" if close else ""
             raise ValueError(f"target module {entry!r} matches no Linear/Conv2d module of {type(model).__name__}{hint}")
         names.extend(h for h in hits if h not in names)
