@@ -281,7 +281,14 @@ def mlflow_server(tmp_path_factory, s3_server):
 @pytest.fixture
 def stack_env(s3_server, mlflow_server, monkeypatch):
     """Both servers, with this process's environment pointing at them (as a step's pod would see it)."""
-    env = {**s3_server.env, **mlflow_server.env, "LORA_PIPELINE_S3_ATTEMPTS": "6"}
+    env = {
+        **s3_server.env,
+        **mlflow_server.env,
+        "LORA_PIPELINE_S3_ATTEMPTS": "6",
+        # fail fast in tests instead of MLflow's two-minute default retry budget
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
