@@ -190,8 +190,11 @@ def test_airflow_image_bakes_the_dags_without_the_ml_stack():
 
 def test_mlflow_image_serves_postgres_and_s3():
     text = (IMAGES / "Dockerfile.mlflow").read_text()
-    for package in ("mlflow==", "boto3==", "psycopg2-binary=="):
-        assert package in text
+    pins = dict(re.findall(r"\b([a-z0-9-]+)==([\w.]+)", text))
+    assert {"mlflow", "boto3", "psycopg2-binary"} <= set(pins), pins
+    # the tracking server runs the MLflow (and S3 client) version the step images' clients run
+    locked = dict(re.findall(r"^([a-z0-9._-]+)==(\S+)$", (IMAGES / "constraints.txt").read_text(), re.M))
+    assert (pins["mlflow"], pins["boto3"]) == (locked["mlflow"], locked["boto3"])
     assert json_list(dict(instructions(IMAGES / "Dockerfile.mlflow"))["ENTRYPOINT"]) == ["mlflow"]
 
 
