@@ -63,7 +63,16 @@ PARAMS = {
         description="Words that initialise the new tokens, '|'-separated (empty: random)",
         section="Tokens",
     ),
-    "template": Param("object", enum=["object", "style"], title="Prompt template", section="Tokens"),
+    "template": Param(
+        "object",
+        enum=["object", "style", "none"],
+        title="Prompt template",
+        description="object / style prompt templates, or none (the captions only)",
+        section="Tokens",
+    ),
+    "use_masks": Param(
+        False, type="boolean", title="Masked loss", description="Weight the loss by the subject masks", section="Tokens"
+    ),
     "caption_model": Param(
         "",
         type="string",
@@ -152,12 +161,14 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
     if init:
         invert += ["--initializer-tokens", init]
     invert += ["--steps", str(params["invert_steps"]), "--lr", str(params["invert_lr"]), *shape]
+    masks = ["--use-masks"] if params["use_masks"] else []
+    invert += masks
     tune = [*common, *device, "--dataset", out["preprocess"], "--tokens", out["invert"], *model, "--out", out["tune"]]
     tune += ["--rank", str(params["tune_rank"]), "--steps", str(params["tune_steps"])]
     tune += ["--lr-unet", str(params["tune_lr_unet"]), "--lr-text", str(params["tune_lr_text"])]
     if float(params["tune_lr_text"]) > 0:
         tune += ["--train-text-encoder"]
-    tune += shape
+    tune += [*shape, *masks]
     distill = [[*common, *device, "--lora", out["tune"], "--rank", str(r), "--out", distill_out[r]] for r in ranks]
     evaluate = [*common, *device, "--dataset", out["preprocess"], *model, "--out", out["evaluate"]]
     for r in ranks:
