@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from .captioning import check_model_source
 from .images import make_grid, save_gif
 from .lora_file import load_lora
 from .metrics import ClipScorer, DinoScorer, clip_t, mean_similarity
@@ -135,6 +136,12 @@ class EvaluateConfig:
             raise ValueError(f"num_inference_steps={self.num_inference_steps!r} must be a positive integer")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(_DTYPES)}")
+        check_model_source("clip_model", self.clip_model)
+        if self.dino_model:
+            check_model_source("dino_model", self.dino_model)
+        model = Path(str(self.model))
+        if model.exists() and not (model / "model_index.json").is_file():
+            raise ValueError(f"model={str(self.model)!r} is not a diffusers model folder (no model_index.json)")
 
 
 def _scale_pair(value) -> tuple[float, float]:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from .captioning import Captioner, edit_caption, load_pretrained
+from .captioning import Captioner, check_model_source, edit_caption, load_pretrained
 from .images import make_grid
 from .masks import ClipSegMasker, FaceMasker, center_of_mass, square_box
 from .tiny_vision import make_tiny_preprocess_models
@@ -131,6 +131,13 @@ class PreprocessConfig:
             raise ValueError(f"mask_threshold={self.mask_threshold!r} must be in (0, 1) or None")
         if not self.mask_temperature > 0:
             raise ValueError(f"mask_temperature={self.mask_temperature!r} must be positive")
+        # model names are checked here, before any image is read or any model loads
+        if self.caption_model is not None:
+            check_model_source("caption_model", self.caption_model)
+        if self.mask == "clipseg":
+            check_model_source("mask_model", self.mask_model)
+        if self.upscale_model is not None:
+            check_model_source("upscale_model", self.upscale_model)
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
