@@ -715,6 +715,30 @@ def inject_trainable_lora(trainee: Trainee, config: TrainConfig) -> list[dict]:
     return groups
 
 
+def inversion_phase(trainee: Trainee, token_ids: Sequence[int]) -> tuple[Phase, TokenEmbedding]:
+    """Wrap the token embedding so that only the rows of `token_ids` train; the phase-1 Phase."""
+    config = trainee.config
+    wrapper = wrap_token_embedding(trainee.text_encoder, token_ids)
+    group = {
+        "name": "tokens",
+        "params": {"rows": wrapper.rows},
+        "lr": config.scaled(config.learning_rate_ti),
+        "weight_decay": config.weight_decay_ti,
+    }
+    phase = Phase(
+        name="inversion",
+        steps=config.max_train_steps_ti,
+        groups=[group],
+        lr_scheduler=config.lr_scheduler,
+        warmup=config.lr_warmup_steps,
+        text_trained=True,
+        unet_trained=False,
+        token_embedding=wrapper,
+        ti_decay=config.clip_ti_decay,
+    )
+    return phase, wrapper
+
+
 def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, callback: Callback | None):
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     resume_path = resolve_resume(config.resume, config.output_dir)
@@ -745,25 +769,7 @@ def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, c
 
     # ---- phase 1: textual inversion (only the new token rows train)
     if "inversion" in phases and not resumed_tuning:
-        wrapper = wrap_token_embedding(te, ids)
-        phase = Phase(
-            name="inversion",
-            steps=config.max_train_steps_ti,
-            groups=[
-                {
-                    "name": "tokens",
-                    "params": {"rows": wrapper.rows},
-                    "lr": config.scaled(config.learning_rate_ti),
-                    "weight_decay": config.weight_decay_ti,
-                }
-            ],
-            lr_scheduler=config.lr_scheduler,
-            warmup=config.lr_warmup_steps,
-            text_trained=True,
-            unet_trained=False,
-            token_embedding=wrapper,
-            ti_decay=config.clip_ti_decay,
-        )
+        phase, wrapper = inversion_phase(trainee, ids)
         metrics |= run_phase(
             trainee,
             phase,

@@ -1,0 +1,120 @@
+"""DreamBooth LoRA on the tiny model: prior preservation with generated class images, text-encoder LoRA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lora_ops.dataset import BatchSampler, DatasetConfig, ImageDataset
+from lora_ops.dreambooth import train_dreambooth
+from lora_ops.lora_file import load_lora
+from lora_ops.train import Source, build_batch, load_trainee
+from lora_ops.train_config import DreamBoothConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread on a shared machine; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_images(folder, n=2, size=32):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"dog{i}.png")
+    return folder
+
+
+def db_config(model, data, out, **kw):
+    base = dict(
+        pretrained_model_name_or_path=str(model),
+        instance_data_dir=str(data),
+        output_dir=str(out),
+        instance_prompt="a photo of sks dog",
+        resolution=32,
+        max_train_steps=3,
+        save_steps=1000,
+        seed=0,
+        progress=False,
+        eval_noises=0,
+    )
+    base.update(kw)
+    return DreamBoothConfig(**base)
+
+
+def test_prior_preservation_generates_class_images_and_trains(tiny_model, tmp_path):
+    data = make_images(tmp_path / "instance")
+    classes = tmp_path / "class"
+    make_images(classes, n=1)  # one class image given, one more needed
+    config = db_config(
+        tiny_model,
+        data,
+        tmp_path / "out",
+        with_prior_preservation=True,
+        class_prompt="a photo of dog",
+        class_data_dir=str(classes),
+        num_class_images=2,
+        class_inference_steps=2,
+        sample_batch_size=2,
+        train_text_encoder=True,
+        eval_noises=1,
+    )
+    result = train_dreambooth(config)
+    assert result.metrics["class_images_generated"] == 1
+    generated = Image.open(classes / "class-00001.png")
+    assert generated.size == (32, 32) and generated.mode == "RGB"
+    assert sorted(p.name for p in classes.iterdir()) == ["class-00001.png", "dog0.png"]  # no temporary leftovers
+    lora = load_lora(result.path)
+    assert lora.unet and lora.text_encoder and not lora.tokens
+    assert all(m.lora_B.abs().max() > 0 for m in lora.unet.values())
+    saved = lora.metadata["training_config"]
+    assert saved["trainer"] == "dreambooth" and saved["prior_loss_weight"] == 1.0
+    assert np.isfinite(result.metrics["dreambooth/loss"])
+    assert result.checkpoints[-1].name == "dreambooth-000003"
+    # a second run finds enough class images and generates none
+    again = train_dreambooth(
+        db_config(
+            tiny_model,
+            data,
+            tmp_path / "out2",
+            with_prior_preservation=True,
+            class_prompt="a photo of dog",
+            class_data_dir=str(classes),
+            num_class_images=2,
+            max_train_steps=1,
+        )
+    )
+    assert again.metrics["class_images_generated"] == 0
+
+
+def test_prior_loss_weight_weights_the_class_half_of_each_batch(tiny_model, tmp_path):
+    data, classes = make_images(tmp_path / "instance"), make_images(tmp_path / "class", n=3)
+    config = db_config(tiny_model, data, tmp_path / "out", train_batch_size=2)
+    trainee = load_trainee(config)
+    sources = [
+        Source(ImageDataset(DatasetConfig(data, 32, prompt="a photo of sks dog")), 1.0, BatchSampler(2, 2, 0)),
+        Source(ImageDataset(DatasetConfig(classes, 32, prompt="a photo of dog")), 0.25, BatchSampler(3, 2, 1)),
+    ]
+    batch = build_batch(trainee, sources, 2, torch.Generator(), torch.Generator())
+    assert batch["latents"].shape == (4, 4, 16, 16)
+    assert batch["prompts"] == ["a photo of sks dog"] * 2 + ["a photo of dog"] * 2
+    # loss = mean(instance losses) + prior_loss_weight * mean(class losses)
+    assert batch["sample_weights"].tolist() == [0.5, 0.5, 0.125, 0.125]
+
+
+def test_dreambooth_validation(tiny_model, tmp_path):
+    data = make_images(tmp_path / "instance")
+    with pytest.raises(ValueError, match="instance_prompt is required"):
+        db_config(tiny_model, data, tmp_path, instance_prompt="")
+    with pytest.raises(ValueError, match="needs class_prompt"):
+        db_config(tiny_model, data, tmp_path, with_prior_preservation=True, class_data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="prior_loss_weight=-1"):
+        db_config(tiny_model, data, tmp_path, prior_loss_weight=-1)
+    with pytest.raises(ValueError, match="is a 'tuning' checkpoint|not a complete checkpoint"):
+        train_dreambooth(db_config(tiny_model, data, tmp_path / "o", resume=str(tmp_path / "tuning-000001")))
