@@ -122,3 +122,11 @@ def _is_tracking_unreachable(exc: BaseException) -> bool:
         return False
     text = str(exc)
     return isinstance(exc, MlflowException) and ("Max retries exceeded" in text or "Connection refused" in text)
+
+
+DATASET_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".txt")
+
+
+def is_dataset_file(rel: str) -> bool:
+    """Top-level images, `.txt` captions and `.mask.png` masks: what the trainer reads from a dataset prefix."""
+    return "/" not in rel and rel.lower().endswith(DATASET_SUFFIXES)

@@ -183,10 +183,10 @@ def _callback_values(args, kwargs) -> tuple[int | None, dict[str, float]]:
         for k, v in dict(metrics).items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "global_step")
     }
-    phase = None
-    if isinstance(kwargs.get("phase"), str):
-        phase = kwargs["phase"]
-    if phase:
+    phase = kwargs.get("phase")
+    if len(args) > 1 and isinstance(args[1], Mapping):
+        phase = args[1].get("phase", phase)
+    if isinstance(phase, str) and phase:
         metrics = {f"{phase}/{k}": v for k, v in metrics.items()}
     return (int(step) if step is not None else None), metrics
 
