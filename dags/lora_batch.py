@@ -35,8 +35,11 @@ with DAG(
     tags=["lora", "batch"],
     params={
         "datasets_uri": Param(
-            f"s3://{BUCKET}/datasets/", type="string", pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.*/$",
-            title="Datasets prefix", description="One folder of images per subject",
+            f"s3://{BUCKET}/datasets/",
+            type="string",
+            pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.*/$",
+            title="Datasets prefix",
+            description="One folder of images per subject",
         ),
         "model_prefix": Param("lora-", type="string", pattern=r"^[A-Za-z0-9._-]*$", title="Model name prefix"),
         "finetune_conf": Param({}, type="object", title="lora_finetune conf for every run"),
