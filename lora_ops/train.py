@@ -466,7 +466,8 @@ def run_phase(
             cache_latents(trainee, source, config.seed + k)
     encode = PromptEncoder(trainee, cache=config.cache_text_embeddings and not phase.text_trained)
     if config.gradient_checkpointing and phase.text_trained:
-        trainee.text_encoder.gradient_checkpointing_enable()
+        # non-reentrant: gradients reach LoRA and token parameters although the inputs need none
+        trainee.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ---- resume
     start = 0

@@ -202,10 +202,12 @@ def test_inpainting_masks_extended_lora_and_loss_options(tiny_inpaint_model, tmp
         gradient_checkpointing=True,
         initializer_tokens="<rand-0.017>|<zero>",
         horizontal_flip=True,
+        train_text_encoder=True,
     )
     result = train_pti(config)
     lora = load_lora(result.path)
     assert any("resnets" in name and "conv1" in name for name in lora.unet)  # ResNet convolutions got LoRA
+    assert lora.text_encoder and all(m.lora_B.abs().max() > 0 for m in lora.text_encoder.values())
     assert np.isfinite(result.metrics["tuning/loss"])
     with pytest.raises(ValueError, match="9-channel"):
         train_pti(pti_config(tiny_inpaint_model, data, tmp_path / "x", perform_inversion=False))
