@@ -80,6 +80,22 @@ PARAMS = {
         description="Captioning model id, 'none' to use the template only (empty: the step's default)",
         section="Tokens",
     ),
+    "mask": Param(
+        "clipseg",
+        enum=["clipseg", "face", "none"],
+        title="Masks",
+        description="How subject masks are made (CLIPSeg on the phrases, face detection, or none)",
+        section="Data and model",
+    ),
+    "mask_phrases": Param("face", type="string", title="Mask phrases", section="Data and model"),
+    "crop": Param("mask", enum=["mask", "center"], title="Crop", section="Data and model"),
+    "token_substitution": Param(
+        "",
+        type="string",
+        title="Token substitution",
+        description='"WORD|TOKENS" replaces WORD in captions by the tokens; TOKENS alone prepends them',
+        section="Tokens",
+    ),
     "ranks": Param(
         [4, 1],
         type="array",
@@ -156,6 +172,10 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
     preprocess += ["--resolution", str(params["resolution"])]
     if params["caption_model"]:
         preprocess += ["--caption-model", params["caption_model"]]
+    preprocess += ["--mask", params["mask"], "--mask-phrases", params["mask_phrases"], "--crop", params["crop"]]
+    if params["token_substitution"]:
+        preprocess += ["--token-substitution", params["token_substitution"]]
+    preprocess += ["--seed", str(params["seed"])]
     invert = [*common, *device, "--dataset", out["preprocess"], *model, "--out", out["invert"]]
     invert += ["--placeholder-tokens", params["placeholder_tokens"], "--template", params["template"]]
     if init:
