@@ -6,8 +6,9 @@ For ΔW = B A with B (out, r) and A (r, in):
     ΔW = Qb (Rb Raᵀ) Qaᵀ = (Qb U) S (Qa V)ᵀ   with  Rb Raᵀ = U S Vᵀ  (an r × r SVD)
 
 so the singular values of ΔW come from an r × r matrix, and the best rank-k approximation is
-B' = Qb U_k √S_k, A' = √S_k V_kᵀ Qaᵀ. The cost is O((out + in) r²) per module instead of
-O(out · in · min(out, in)). Conv2d factors are flattened to (r, in·kh·kw) and reshaped back.
+B' = Qb U_k √S_k, A' = √S_k V_kᵀ Qaᵀ. Q is never formed: B' = B (Rb⁻¹ U_k √S_k) and
+A' = (√S_k V_kᵀ Ra⁻ᵀ) A. The cost is O((out + in) r²) per module instead of O(out · in · min(out, in)).
+Conv2d factors are flattened to (r, in·kh·kw) and reshaped back.
 """
 
 from __future__ import annotations
@@ -82,13 +83,28 @@ class ResizeReport:
         return "\n".join(lines)
 
 
+def _core(mod: LoraModule, device: str):
+    """b (out, r), a (r, in'), the R factors of B and Aᵀ (r, r), and the SVD of the core Rb Raᵀ."""
+    a = mod.lora_A.to(device, torch.float32).flatten(1)  # (r, in')
+    b = mod.lora_B.to(device, torch.float32).flatten(1)  # (out, r)
+    rb = torch.linalg.qr(b, mode="r").R  # (r, r); B = Qb Rb
+    ra = torch.linalg.qr(a.T, mode="r").R  # (r, r); Aᵀ = Qa Ra
+    u, s, vh = torch.linalg.svd(rb @ ra.T)  # r × r core: ΔW = (Qb U) S (Qa Vhᵀ)ᵀ
+    return b, a, rb, ra, u, s, vh
+
+
+def _well_conditioned(r: torch.Tensor) -> bool:
+    d = r.diagonal().abs()
+    return bool(d.numel() and d.min() > 1e-6 * d.max())
+
+
 def factor_svd(mod: LoraModule, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ΔW = U diag(S) Vh without the dense matrix: U (out, r), S (r,), Vh (r, in·kh·kw), float32."""
     a = mod.lora_A.to(device, torch.float32).flatten(1)  # (r, in')
     b = mod.lora_B.to(device, torch.float32).flatten(1)  # (out, r)
     qb, rb = torch.linalg.qr(b)  # (out, r), (r, r)
     qa, ra = torch.linalg.qr(a.T)  # (in', r), (r, r)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)  # r × r core
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
     return qb @ u, s, vh @ qa.T
 
 
@@ -107,18 +123,27 @@ def choose_rank(s: torch.Tensor, config: ResizeConfig) -> int:
     return max(1, min(k, cap))
 
 
-def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, like: LoraModule) -> LoraModule:
-    """The rank-k LoRA B' = U_k √S_k, A' = √S_k V_kᵀ, shaped like `like` (Linear or Conv2d)."""
-    root = s[:k].sqrt()
-    b = u[:, :k] * root  # (out, k)
-    a = root[:, None] * vh[:k]  # (k, in')
+def _shaped(a: torch.Tensor, b: torch.Tensor, like: LoraModule) -> LoraModule:
+    k = a.shape[0]
     a = a.reshape(k, *like.lora_A.shape[1:]).cpu().contiguous()
     b = b.reshape(like.lora_B.shape[0], k, *like.lora_B.shape[2:]).cpu().contiguous()
     return LoraModule(a, b)
 
 
+def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, like: LoraModule) -> LoraModule:
+    """The rank-k LoRA B' = U_k √S_k, A' = √S_k V_kᵀ, shaped like `like` (Linear or Conv2d)."""
+    root = s[:k].sqrt()
+    return _shaped(root[:, None] * vh[:k], u[:, :k] * root, like)
+
+
 def resize_module(mod: LoraModule, config: ResizeConfig) -> tuple[LoraModule, ModuleReport]:
-    u, s, vh = factor_svd(mod, config.device)
+    """The best rank-k approximation of one module's ΔW, k chosen by `config`.
+
+    Only the R factors are computed (QR without Q); the new factors are then
+    B' = Qb U_k √S_k = B (Rb⁻¹ U_k √S_k) and A' = √S_k V_kᵀ Qaᵀ = (√S_k V_kᵀ Ra⁻ᵀ) A, two small triangular
+    solves and two thin products. A rank-deficient factor (e.g. B = 0) takes the full-QR path instead.
+    """
+    b, a, rb, ra, u, s, vh = _core(mod, config.device)
     k = choose_rank(s, config)
     sq = s.double() ** 2
     total, kept = sq.sum().item(), sq[:k].sum().item()
@@ -129,7 +154,12 @@ def resize_module(mod: LoraModule, config: ResizeConfig) -> tuple[LoraModule, Mo
         error=math.sqrt(max(total - kept, 0.0)),
         norm=math.sqrt(total),
     )
-    return truncate(u, s, vh, k, mod), report
+    if not (_well_conditioned(rb) and _well_conditioned(ra)):
+        return truncate(*factor_svd(mod, config.device), k, mod), report
+    root = s[:k].sqrt()
+    left = torch.linalg.solve_triangular(rb, u[:, :k] * root, upper=True)  # (r, k) = Rb⁻¹ U_k √S_k
+    right = torch.linalg.solve_triangular(ra, vh[:k].T * root, upper=True)  # (r, k) = Ra⁻¹ V_k √S_k
+    return _shaped(right.T @ a, b @ left, mod), report
 
 
 def resize_lora(lora: LoraFile, config: ResizeConfig, progress: bool = True) -> tuple[LoraFile, ResizeReport]:
