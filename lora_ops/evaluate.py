@@ -296,14 +296,17 @@ def evaluate_loras(config: EvaluateConfig) -> EvaluationResult:
             generator=generator,
         ).images[0]
 
-    def run_set(token: str, folder: Path, desc: str):
-        """Every prompt x seed (prompt-major); saves the images; returns (images, metric values)."""
+    def run_set(token: str | None, folder: Path, desc: str):
+        """Every prompt x seed (prompt-major); saves the images; returns (images, metric values).
+
+        token=None is the base model: it gets the scoring text, with the class word for every token.
+        """
         folder.mkdir(parents=True, exist_ok=True)
         images, texts = [], []
         jobs = [(i, template, seed) for i, template in enumerate(cfg.prompts) for seed in cfg.seeds]
         for i, template, seed in tqdm(jobs, desc=desc, unit="image", leave=False):
-            prompt, text = _fill(template, token, learned, cfg.class_word)
-            image = generate(prompt, seed)
+            prompt, text = _fill(template, cfg.class_word if token is None else token, learned, cfg.class_word)
+            image = generate(text if token is None else prompt, seed)
             image.save(folder / f"p{i}_seed{seed}.png")
             images.append(image)
             texts.append(text)
@@ -315,7 +318,7 @@ def evaluate_loras(config: EvaluateConfig) -> EvaluationResult:
         grids, gifs, sweep_rows, sweep_labels = {}, {}, [], []
 
         # the reference: the base model without any adapter, prompts with the class word
-        base_images, base_values = run_set(cfg.class_word, staging / "base" / "images", "base")
+        base_images, base_values = run_set(None, staging / "base" / "images", "base")
         metrics = {
             "prompts": cfg.prompts,
             "seeds": cfg.seeds,

@@ -201,3 +201,14 @@ def test_metric_functions():
 def test_bad_config_names_the_argument(setup, tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _config(setup, tmp_path / "o", **kwargs)
+
+
+def test_prompt_templates():
+    from lora_ops.evaluate import _fill
+
+    assert _fill("a photo of {token} on the beach", "<s1><s2>", ["<s1>", "<s2>"], "dog") == (
+        "a photo of <s1><s2> on the beach",
+        "a photo of dog on the beach",
+    )
+    # literal learned tokens in a template are scored (and given to the base model) as the class word
+    assert _fill("<s1> in the snow", "<s1>", ["<s1>"], "cat") == ("<s1> in the snow", "cat in the snow")

@@ -229,3 +229,35 @@ def test_bad_config_names_the_argument(images_dir, tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         preprocess_dataset(PreprocessConfig(images_dir, tmp_path / "o", **{"mask": "none", **kwargs}))
     assert not (tmp_path / "o").exists()
+
+
+def _drawn_face(size: int) -> Image.Image:
+    """A cartoon face (skin ellipse, eyes, brows, nose, mouth) that the frontal-face cascade detects."""
+    from PIL import ImageDraw, ImageFilter
+
+    s = size / 200
+    image = Image.new("RGB", (size, size), (40, 60, 40))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((50 * s, 30 * s, 150 * s, 170 * s), fill=(225, 185, 160))
+    for x in (75, 125):
+        draw.ellipse(((x - 12) * s, 75 * s, (x + 12) * s, 90 * s), fill=(255, 255, 255))
+        draw.ellipse(((x - 6) * s, 77 * s, (x + 6) * s, 89 * s), fill=(30, 20, 20))
+        draw.rectangle(((x - 16) * s, 62 * s, (x + 16) * s, 67 * s), fill=(70, 50, 40))
+    draw.polygon([(100 * s, 90 * s), (92 * s, 122 * s), (108 * s, 122 * s)], fill=(200, 150, 130))
+    draw.ellipse((80 * s, 135 * s, 120 * s, 148 * s), fill=(150, 60, 60))
+    return image.filter(ImageFilter.GaussianBlur(2))
+
+
+def test_face_mask_centers_the_crop_on_the_face(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    canvas = Image.new("RGB", (400, 200), (40, 60, 40))
+    canvas.paste(_drawn_face(200), (200, 0))  # the face in the right half
+    canvas.save(src / "portrait.png")
+    mask = FaceMasker()(load_image(src / "portrait.png"))
+    weights = np.asarray(mask)
+    assert weights[:, 200:].sum() > 0 and weights[:, :150].sum() == 0
+    result = preprocess_dataset(PreprocessConfig(src, tmp_path / "out", resolution=64, caption_model=None, mask="face"))
+    left = result.items[0]["crop_box"][0]
+    assert left >= 180  # centered crop would start at 100
+    assert "mask_empty" not in result.items[0]
