@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .dataset import BatchSampler, DatasetConfig, ImageDataset, collate
 from .inject import LoraConfig, extract_lora, inject_lora
-from .lora_file import LoraFile, config_hash, load_lora, save_lora
+from .lora_file import LoraFile, load_lora, save_lora
 from .losses import clip_ti_decay_, mask_weights, min_snr_weights, per_sample_mse, prediction_target
 from .models import load_pipeline
 from .tokens import add_tokens, apply_token_embeddings, init_token_embeddings, parse_tokens, read_token_embeddings
@@ -183,7 +183,13 @@ def load_trainee(config: TrainConfig) -> Trainee:
             "set train_inpainting for inpainting models"
         )
     if config.pretrained_vae_name_or_path:
-        pipe.vae = AutoencoderKL.from_pretrained(config.pretrained_vae_name_or_path)
+        try:
+            pipe.vae = AutoencoderKL.from_pretrained(config.pretrained_vae_name_or_path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"pretrained_vae_name_or_path={config.pretrained_vae_name_or_path!r}: not a VAE folder "
+                f"({str(exc).splitlines()[0]})"
+            ) from None
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if config.resolution % factor:
         raise ValueError(f"resolution={config.resolution} must be a multiple of {factor} for this VAE")
@@ -667,7 +673,6 @@ def lora_metadata(config: TrainConfig, trainer: str, phases: list[str]) -> dict:
         "targets": {"unet": unet_targets, "text_encoder": te_targets},
         "alphas": {"unet": alpha if unet_targets else None, "text_encoder": alpha if te_targets else None},
         "training_config": training,
-        "training_config_hash": config_hash(training),
     }
 
 
