@@ -347,3 +347,26 @@ def test_cli_reports_bad_options_in_one_line(tiny_model, tmp_path, capsys):
     cfg.write_text(json.dumps({"output_dir": str(tmp_path), "lora_rnak": 1}))
     assert main(args + ["--config", str(cfg)]) == 2
     assert "unknown PTIConfig option(s): ['lora_rnak']" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cuda(tiny_model, tmp_path, precision):
+    """bf16 autocast and fp16 with a gradient scaler train on CUDA (deselected where no GPU is present)."""
+    data = make_images(tmp_path / "data", n=2)
+    config = pti_config(
+        tiny_model,
+        data,
+        tmp_path / "out",
+        device="cuda",
+        mixed_precision=precision,
+        train_text_encoder=True,
+        continue_inversion=True,
+        max_train_steps_ti=3,
+        max_train_steps_tuning=3,
+        eval_noises=1,
+    )
+    result = train_pti(config)
+    lora = load_lora(result.path)
+    assert lora.unet and lora.text_encoder and list(lora.tokens) == ["<s1>", "<s2>"]
+    assert all(np.isfinite(v) for v in result.metrics.values())
