@@ -691,7 +691,12 @@ def current_lora(trainee: Trainee, tokens: list[str], token_embedding: TokenEmbe
 
 
 def inject_trainable_lora(trainee: Trainee, config: TrainConfig) -> list[dict]:
-    """Add LoRA to the UNet (and text encoder); returns their AdamW parameter groups."""
+    """Add LoRA to the UNet (and text encoder); returns their AdamW parameter groups.
+
+    The initial lora_A draws from the global torch RNG, seeded here so that the same seed gives the same
+    start whether or not phase 1 ran in the same process.
+    """
+    torch.manual_seed(config.seed + 7)
     unet_cfg = LoraConfig(
         targets="unet-extended" if config.use_extended_lora else "unet",
         r=config.lora_rank,
