@@ -261,3 +261,23 @@ def test_face_mask_centers_the_crop_on_the_face(tmp_path):
     left = result.items[0]["crop_box"][0]
     assert left >= 180  # centered crop would start at 100
     assert "mask_empty" not in result.items[0]
+
+
+def test_clipseg_soft_and_binary_masks(vision_models):
+    from lora_ops.masks import ClipSegMasker
+
+    image = Image.fromarray(_noise(50, 70, seed=11))
+    soft = np.asarray(ClipSegMasker(vision_models["segmenter"], ["face"])(image))
+    assert soft.shape == (50, 70) and soft.max() >= 240 and len(np.unique(soft)) > 2  # max 255 before resizing
+    sharp = np.asarray(ClipSegMasker(vision_models["segmenter"], ["face"], temperature=0.25)(image))
+    assert not np.array_equal(soft, sharp)  # the temperature reshapes the probabilities
+    binary = np.asarray(ClipSegMasker(vision_models["segmenter"], ["face", "dog"], threshold=0.5)(image))
+    assert set(np.unique(binary)) <= {0, 255}
+
+
+def test_upscaler_doubles_the_size(vision_models):
+    from lora_ops.preprocess import Upscaler
+
+    upscaler = Upscaler(vision_models["upscaler"])
+    out = upscaler(Image.fromarray(_noise(21, 30, seed=12)))  # odd sizes: padded inside, cropped back
+    assert out.mode == "RGB" and out.size == (60, 42)
