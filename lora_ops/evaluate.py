@@ -203,9 +203,8 @@ class _Scores:
             files = sorted(
                 p
                 for p in cfg.instance_dir.iterdir()
-                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.lower().endswith(".mask.png")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.lower().endswith(".mask.png")
             )
-            files = [p for p in files if p.parent.name != "preview"]
             if not files:
                 raise ValueError(f"instance_dir={str(cfg.instance_dir)!r} holds no images")
             instances = [load_image(p) for p in files]
