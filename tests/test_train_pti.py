@@ -180,6 +180,13 @@ def test_run_inversion_then_run_tuning_from_its_file(tiny_model, tmp_path):
     assert tuned.unet and tuned.text_encoder
     for token, vector in inv.tokens.items():  # tokens are carried over unchanged without continue_inversion
         assert torch.equal(tuned.tokens[token], vector)
+    # the same seed gives the same result, also when phase 2 runs on its own
+    third = run_tuning(pti_config(tiny_model, data, tmp_path / "again", train_text_encoder=True), first.path)
+    repeat = load_lora(third.path)
+    for name, module in tuned.unet.items():
+        assert torch.equal(module.lora_A, repeat.unet[name].lora_A) and torch.equal(
+            module.lora_B, repeat.unet[name].lora_B
+        )
     with pytest.raises(ValueError, match="holds tokens"):
         run_tuning(pti_config(tiny_model, data, tmp_path / "bad", placeholder_tokens="<x>"), tokens_from=first.path)
 
