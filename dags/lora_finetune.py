@@ -131,6 +131,32 @@ PARAMS = {
         description="Empty: the step's default",
         section="Evaluation",
     ),
+    "dino_model": Param(
+        "", type="string", title="DINO model for evaluation", description="Empty: no DINO score", section="Evaluation"
+    ),
+    "class_word": Param(
+        "", type="string", title="Class word", description='The subject\'s class, e.g. "dog"', section="Evaluation"
+    ),
+    "eval_prompts": Param(
+        [],
+        type="array",
+        items={"type": "string", "minLength": 1},
+        maxItems=16,
+        title="Evaluation prompts",
+        description='Prompt templates with "{token}" (empty: the step\'s defaults)',
+        section="Evaluation",
+    ),
+    "eval_inference_steps": Param(
+        30, type="integer", minimum=1, maximum=200, title="Sampling steps of the evaluation", section="Evaluation"
+    ),
+    "eval_sweep_steps": Param(
+        5,
+        type="integer",
+        minimum=0,
+        maximum=20,
+        title="Frames of the LoRA-scale sweep GIF (0: off)",
+        section="Evaluation",
+    ),
     "executor_profile": Param(
         "auto",
         enum=["auto", "cuda", "cpu"],
@@ -193,9 +219,14 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
     evaluate = [*common, *device, "--dataset", out["preprocess"], *model, "--out", out["evaluate"]]
     for r in ranks:
         evaluate += ["--lora", distill_out[r]]
-    evaluate += ["--seed", str(params["seed"])]
-    if params["clip_model"]:
-        evaluate += ["--clip-model", params["clip_model"]]
+    evaluate += ["--seed", str(params["seed"]), "--resolution", str(params["resolution"])]
+    evaluate += ["--num-inference-steps", str(params["eval_inference_steps"])]
+    evaluate += ["--sweep-steps", str(params["eval_sweep_steps"]), "--select-metric", params["promotion_metric"]]
+    for flag in ("clip_model", "dino_model", "class_word"):
+        if params[flag]:
+            evaluate += [f"--{flag.replace('_', '-')}", params[flag]]
+    if params["eval_prompts"]:
+        evaluate += ["--prompts", *params["eval_prompts"]]
     register = [*common, "--evaluation", out["evaluate"], "--model-name", params["model_name"]]
     register += ["--promotion-metric", params["promotion_metric"]]
     return {
