@@ -211,18 +211,24 @@ def load_joined(pipe, lora: LoraFile, scales: Mapping[str, float | tuple[float, 
 
 
 @torch.no_grad()
-def add_to_pipeline(pipe, lora: LoraFile, unet_scale: float = 1.0, text_encoder_scale: float = 1.0) -> int:
+def add_to_pipeline(
+    pipe, lora: LoraFile, unet_scale: float = 1.0, text_encoder_scale: float = 1.0, load_tokens: bool = True
+) -> int:
     """Merge `lora` into the pipeline's weights in place (upl): W ← W + scale · ΔW, tokens added.
 
     Everything is checked (module names, shapes, token widths) before any weight changes. Returns the
     number of modules changed.
+
+    Args:
+        load_tokens: add the learned tokens to the tokenizer and embedding table (False: leave the
+            vocabulary alone, e.g. when the tokens travel as a separate embedding file).
     """
     for name, value in (("unet_scale", unet_scale), ("text_encoder_scale", text_encoder_scale)):
         if not isinstance(value, (int, float)) or not torch.isfinite(torch.tensor(float(value))):
             raise ValueError(f"{name}={value!r} must be a finite number")
     models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     check_shapes(lora, models)
-    if lora.tokens:
+    if lora.tokens and load_tokens:
         apply_token_embeddings(pipe.tokenizer, pipe.text_encoder, lora.tokens)
     count = 0
     for comp, scale in (("unet", unet_scale), ("text_encoder", text_encoder_scale)):

@@ -1,0 +1,175 @@
+"""One-file Stable Diffusion checkpoints in the original (CompVis/ldm) layout, for A1111 and ComfyUI.
+
+`save_single_file` maps a diffusers pipeline's UNet, VAE and CLIP text encoder onto the original key
+layout (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`), driven by
+the models' configs (block counts, layers per block), not by a fixed table, so it covers SD 1.x and
+the tiny test model alike. `save_merged_single_file` is `lora-ops add upl-ckpt`: LoRA merged into the
+weights, learned tokens written as an A1111 embedding next to the checkpoint (a checkpoint with a grown
+vocabulary would not load in those tools). The layout is checked by loading the file back with
+diffusers' `from_single_file` (tests/test_single_file.py).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .formats import save_a1111_embedding
+from .lora_file import LoraFile, atomic_write
+from .merge import add_to_pipeline
+
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "time_embedding.linear_1.": "time_embed.0.",
+    "time_embedding.linear_2.": "time_embed.2.",
+    "conv_in.": "input_blocks.0.0.",
+    "conv_norm_out.": "out.0.",
+    "conv_out.": "out.2.",
+}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return f"{_RESNET.get(head, head)}.{tail}"
+
+
+def _layers_per_block(config) -> int:
+    layers = config["layers_per_block"]
+    if not isinstance(layers, int):
+        raise ValueError(f"layers_per_block={layers!r}: only one value for every block is supported")
+    return layers
+
+
+def unet_key_to_original(key: str, config) -> str:
+    """A diffusers UNet2DConditionModel key -> its ldm `model.diffusion_model.` key."""
+    n = _layers_per_block(config) + 1  # ldm blocks per level: resnets (+ attention) and a down/up sampler
+    for old, new in _UNET_TOP.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return f"input_blocks.{n * i + j + 1}.{0 if kind == 'resnets' else 1}.{_resnet(rest) if kind == 'resnets' else rest}"
+    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key)
+    if m:
+        return f"input_blocks.{n * (int(m[1]) + 1)}.0.op.{m[2]}"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return (
+            f"output_blocks.{n * i + j}.{0 if kind == 'resnets' else 1}.{_resnet(rest) if kind == 'resnets' else rest}"
+        )
+    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key)
+    if m:
+        i = int(m[1])
+        has_attention = "CrossAttn" in config["up_block_types"][i]
+        return f"output_blocks.{n * i + n - 1}.{2 if has_attention else 1}.{m[2]}"
+    m = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key)
+    if m:
+        return f"middle_block.1.{m[1]}"
+    m = re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key)
+    if m:
+        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+    raise ValueError(f"UNet key {key!r} has no place in the original layout (not an SD 1.x/2.x UNet?)")
+
+
+def vae_key_to_original(key: str, config) -> str:
+    """A diffusers AutoencoderKL key -> its ldm `first_stage_model.` key."""
+    levels = len(config["block_out_channels"])
+    key = key.replace("conv_norm_out.", "norm_out.").replace("conv_shortcut.", "nin_shortcut.")
+    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
+    if m:
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
+    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", key)
+    if m:
+        return f"encoder.down.{m[1]}.downsample.{m[2]}"
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
+    if m:  # ldm numbers decoder levels from the bottom
+        return f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key)
+    if m:
+        return f"decoder.up.{levels - 1 - int(m[1])}.upsample.{m[2]}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key)
+    if m:
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key)
+    if m:
+        if m[2] not in _VAE_ATTN:
+            raise ValueError(f"VAE key {key!r} has no place in the original layout")
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"
+    return key  # conv_in, conv_out, norm_out, quant_conv, post_quant_conv keep their names
+
+
+def original_state_dict(pipe, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The pipeline's UNet, VAE and CLIP text encoder in the original single-file layout."""
+    te_config = pipe.text_encoder.config
+    if getattr(te_config, "hidden_act", "") == "gelu" or te_config.hidden_size == 1024:
+        raise ValueError(
+            "single-file export supports SD 1.x text encoders (CLIP ViT-L style); this one is OpenCLIP-shaped "
+            f"(hidden_size {te_config.hidden_size}, hidden_act {te_config.hidden_act!r}): an SD 2.x model"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in pipe.unet.state_dict().items():
+        out["model.diffusion_model." + unet_key_to_original(key, pipe.unet.config)] = value
+    for key, value in pipe.vae.state_dict().items():
+        new = vae_key_to_original(key, pipe.vae.config)
+        if ".mid.attn_1." in new and new.endswith(".weight") and value.ndim == 2:
+            value = value.reshape(*value.shape, 1, 1)  # ldm's VAE attention uses 1×1 convolutions
+        out["first_stage_model." + new] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        if not key.startswith("text_model."):
+            key = "text_model." + key  # transformers 5 dropped the wrapper; the file layout keeps it
+        out["cond_stage_model.transformer." + key] = value
+    return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in out.items()}
+
+
+def save_single_file(pipe, path: str | Path, half: bool = False) -> Path:
+    """Write `pipe` as one original-layout checkpoint: `.safetensors` (default) or `.ckpt` (a pickle of
+    `{"state_dict": …}` holding only tensors)."""
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".ckpt"):
+        raise ValueError(f"path={str(path)!r}: the checkpoint must end in .safetensors or .ckpt")
+    tensors = original_state_dict(pipe, torch.float16 if half else torch.float32)
+    if path.suffix == ".ckpt":
+        return atomic_write(path, lambda tmp: torch.save({"state_dict": tensors}, tmp))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def embedding_name(tokens) -> str:
+    """The A1111 trigger word for a token sequence: `<s1>`, `<s2>` -> `s1s2`."""
+    name = "".join(re.sub(r"[^A-Za-z0-9_-]", "", t) for t in tokens)
+    return name or "embedding"
+
+
+def save_merged_single_file(
+    pipe,
+    lora: LoraFile,
+    path: str | Path,
+    unet_scale: float = 1.0,
+    text_encoder_scale: float = 1.0,
+    half: bool = False,
+) -> dict[str, Path]:
+    """`add upl-ckpt`: merge `lora` into `pipe` (in place), write the checkpoint, and the tokens as one
+    A1111 embedding `<trigger>.safetensors` beside it (type the trigger where the tokens would go).
+
+    Returns {"checkpoint": path, "embedding": path (only when the LoRA has tokens)}.
+    """
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".ckpt"):
+        raise ValueError(f"path={str(path)!r}: the checkpoint must end in .safetensors or .ckpt")
+    add_to_pipeline(pipe, lora, unet_scale, text_encoder_scale, load_tokens=False)
+    out = {"checkpoint": save_single_file(pipe, path, half=half)}
+    if lora.tokens:
+        out["embedding"] = save_a1111_embedding(path.parent / f"{embedding_name(lora.tokens)}.safetensors", lora.tokens)
+    return out
