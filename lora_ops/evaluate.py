@@ -142,6 +142,8 @@ class EvaluateConfig:
         model = Path(str(self.model))
         if model.exists() and not (model / "model_index.json").is_file():
             raise ValueError(f"model={str(self.model)!r} is not a diffusers model folder (no model_index.json)")
+        if not model.exists() and (str(self.model).count("/") != 1 or str(self.model).startswith(("/", "."))):
+            raise ValueError(f"model={str(self.model)!r}: no such folder, and not a hub id of the form 'org/name'")
 
 
 def _scale_pair(value) -> tuple[float, float]:

@@ -75,7 +75,8 @@ def _config(setup, out, **kw):
         sweep_steps=3,
     )
     base.update(kw)
-    return EvaluateConfig(setup["model"], setup["loras"], out, **base)
+    model = base.pop("model", setup["model"])
+    return EvaluateConfig(model, setup["loras"], out, **base)
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +197,7 @@ def test_metric_functions():
         ({"sweep_steps": 1}, "sweep_steps=1"),
         ({"clip_model": "nope"}, "clip_model='nope'"),
         ({"prompts": [" "]}, "prompts="),
+        ({"model": "/no/such/model"}, "model='/no/such/model'"),
     ],
 )
 def test_bad_config_names_the_argument(setup, tmp_path, kwargs, match):
