@@ -39,8 +39,12 @@ from .train_checkpoint import (
 from .train_config import PTIConfig, TrainConfig
 
 Callback = Callable[[int, dict], None]
-# options that may differ between a run and its resumption without changing the result
-_RESUME_FREE = {"resume", "progress", "device", "save_steps", "out_name", "output_dir", "save_dtype"}
+# options that may differ between a run and its resumption without changing the result (paths included: a
+# retried pipeline step downloads the same model and images to a new temporary folder)
+_RESUME_FREE = {
+    "resume", "progress", "device", "save_steps", "out_name", "output_dir", "save_dtype", "eval_noises",
+    "pretrained_model_name_or_path", "pretrained_vae_name_or_path", "instance_data_dir", "class_data_dir",
+}  # fmt: skip
 
 
 @dataclass

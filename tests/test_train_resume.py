@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -74,7 +76,10 @@ def test_stop_and_resume_is_bit_identical(tiny_model, tmp_path, stop_at):
         train_pti(config(tiny_model, data, tmp_path / "part"), callback=crash)
     latest = resolve_resume("auto", tmp_path / "part")
     assert latest.name == ("inversion-000002" if stop_at == 3 else "tuning-000002")
-    resumed = train_pti(config(tiny_model, data, tmp_path / "part", resume="auto"))
+    # a retried pipeline step gets the checkpoint and the images in new folders: paths may change
+    shutil.copytree(tmp_path / "part" / "checkpoints", tmp_path / "retry" / "checkpoints")
+    shutil.copytree(data, tmp_path / "data-again")
+    resumed = train_pti(config(tiny_model, tmp_path / "data-again", tmp_path / "retry", resume="auto"))
 
     a, _ = read_safetensors(full.path)
     b, meta = read_safetensors(resumed.path)
