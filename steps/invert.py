@@ -88,7 +88,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             out_dir = tmp / "out"
             out_dir.mkdir()
             shutil.copyfile(trained.path, out_dir / TOKENS_FILE)
-            tracker.log_metrics(trained.metrics)
+            tracker.log_metrics({f"final/{k}": v for k, v in trained.metrics.items()})
             result = {
                 "step": STEP,
                 "run_id": args.run_id,

@@ -1,0 +1,138 @@
+"""The pipeline steps end to end on the tiny model: preprocess -> invert -> tune -> distill -> evaluate -> register,
+against real SeaweedFS (artifacts) and MLflow (tracking, registry) servers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from minio import Minio
+from PIL import Image
+from stack_fixtures import mlflow_server, s3_server, stack_env  # noqa: F401 - fixtures
+
+from steps import distill, evaluate, invert, preprocess, register, tune
+from steps.artifacts import read_manifest
+
+
+@pytest.fixture(scope="module")
+def vision_models(tmp_path_factory):
+    from lora_ops.tiny_vision import make_tiny_preprocess_models
+
+    return make_tiny_preprocess_models(tmp_path_factory.mktemp("vision"))
+
+
+def upload_folder(env, folder, bucket, prefix):
+    client = Minio(env["S3_ENDPOINT_URL"].split("://")[1], access_key=env["AWS_ACCESS_KEY_ID"],
+                   secret_key=env["AWS_SECRET_ACCESS_KEY"], secure=False)  # fmt: skip
+    if not client.bucket_exists(bucket):
+        client.make_bucket(bucket)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.fput_object(bucket, f"{prefix}/{path.relative_to(folder).as_posix()}", str(path))
+    return f"s3://{bucket}/{prefix}/"
+
+
+def raw_images(folder, n=3, seed=0):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray((rng.random((72, 96, 3)) * 255).astype("uint8")).save(folder / f"dog{i}.png")
+    return folder
+
+
+def call(module, argv, capsys):
+    code = module.main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    return json.loads(captured.out.strip().splitlines()[-1])
+
+
+def test_chain_preprocess_to_register(tmp_path, stack_env, tiny_model, vision_models, capsys, monkeypatch):  # noqa: F811
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("LORA_PIPELINE_CACHE", str(tmp_path / "cache"))
+    xcom = tmp_path / "xcom"
+    xcom.mkdir()
+    monkeypatch.setenv("LORA_PIPELINE_XCOM_DIR", str(xcom))
+    run_id = "chain-1"
+    runs = f"s3://artifacts/runs/{run_id}"
+    dataset = upload_folder(stack_env, raw_images(tmp_path / "raw"), "artifacts", "datasets/dog")
+    base = upload_folder(stack_env, tiny_model, "models", "tiny")
+    common = ["--run-id", run_id, "--device", "cpu"]
+
+    pre = call(preprocess, [*common, "--dataset", dataset, "--out", f"{runs}/preprocess/", "--resolution", "32",
+                            "--caption-model", str(vision_models["captioner"]), "--mask-model",
+                            str(vision_models["segmenter"]), "--token-substitution", "a dog|<s1>"], capsys)  # fmt: skip
+    assert pre["num_images"] == 3 and pre["reused"] is False
+    assert json.loads((xcom / "return.json").read_text()) == pre  # XCom = the last stdout line
+
+    inv = call(invert, [*common, "--dataset", pre["dataset"], "--base-model", base, "--out", f"{runs}/invert/",
+                        "--placeholder-tokens", "<s1>", "--initializer-tokens", "dog", "--steps", "2",
+                        "--resolution", "32"], capsys)  # fmt: skip
+    tun = call(tune, [*common, "--dataset", pre["dataset"], "--tokens", inv["out"], "--base-model", base,
+                      "--out", f"{runs}/tune/", "--rank", "4", "--steps", "3", "--save-steps", "2",
+                      "--resolution", "32"], capsys)  # fmt: skip
+    assert tun["rank"] == 4 and tun["resumed_from"] is None
+    dis = call(distill, [*common, "--lora", tun["out"], "--rank", "2", "--out", f"{runs}/distill-r2/"], capsys)
+    assert 0 < dis["energy"] <= 1
+    again = call(distill, [*common, "--lora", tun["out"], "--rank", "2", "--out", f"{runs}/distill-r2/"], capsys)
+    assert again["reused"] is True and again["manifest_sha256"] == dis["manifest_sha256"]
+
+    ev = call(evaluate, [*common, "--dataset", pre["dataset"], "--base-model", base, "--lora", tun["out"],
+                         "--lora", dis["out"], "--out", f"{runs}/evaluate/", "--prompts", "a photo of {token}",
+                         "--seed", "0", "--clip-model", str(vision_models["clip"]), "--num-inference-steps", "2",
+                         "--resolution", "32", "--sweep-steps", "2", "--class-word", "dog"], capsys)  # fmt: skip
+    assert ev["best"]["lora"] in (tun["out"], dis["out"]) and {"clip_i", "clip_t"} <= set(ev["best"]["metrics"])
+
+    reg = call(register, ["--run-id", run_id, "--evaluation", ev["out"], "--model-name", "chain-dog"], capsys)
+    assert reg["alias"] == "champion" and reg["version"] == 1
+
+    # lineage: every manifest records its inputs by hash, down to the raw dataset and the base model
+    tune_manifest, _ = read_manifest(tun["out"])
+    assert tune_manifest["inputs"]["dataset"]["sha256"] == pre["manifest_sha256"]
+    assert tune_manifest["inputs"]["tokens"]["sha256"] == inv["manifest_sha256"]
+    assert tune_manifest["inputs"]["base_model"]["uri"] == base
+    assert tune_manifest["parameters"]["rank"] == 4
+    client = MlflowClient()
+    mv = client.get_model_version("chain-dog", "1")
+    assert mv.tags["dataset_sha256"] == pre["manifest_sha256"] and mv.tags["tokens"] == "<s1>"
+
+    # MLflow: one parent run, one nested run per step, loss curves, images
+    exp = client.get_experiment_by_name("lora-pipeline")
+    found = client.search_runs([exp.experiment_id], f"tags.pipeline_run_id = '{run_id}'")
+    parents = [r for r in found if r.data.tags.get("lora_pipeline.role") == "pipeline"]
+    children = {r.data.tags["mlflow.runName"]: r for r in found if r.data.tags.get("lora_pipeline.role") == "step"}
+    assert len(parents) == 1
+    assert set(children) == {"preprocess", "invert", "tune", "distill-r2", "evaluate", "register"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children.values())
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    history = client.get_metric_history(children["tune"].info.run_id, "tuning/loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert children["tune"].data.params["rank"] == "4"
+    assert not any("secret" in k.lower() for r in children.values() for k in r.data.params)
+    logged = [a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "images")]
+    assert "images/comparison.png" in logged
+    gifs = [a.path for d in logged for a in client.list_artifacts(children["evaluate"].info.run_id, d)
+            if a.path.endswith(".gif")]  # fmt: skip
+    assert gifs, f"no alpha-sweep GIF among {logged}"
+
+
+def test_step_command_line_and_clear_errors(tmp_path, stack_env):  # noqa: F811
+    """The real console entry point: usage errors and bad input exit non-zero with one line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "steps.distill", "--run-id", "x", "--lora", "s3://artifacts/none/",
+                           "--rank", "0", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip().splitlines()[-1] == "distill: error: --rank=0: must be a positive integer"
+    )
+    proc = subprocess.run([sys.executable, "-m", "steps.distill", "--run-id", "x", "--lora", "s3://artifacts/none/",
+                           "--rank", "2", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--lora=s3://artifacts/none/: no manifest.json there" in lines[-1]
+    assert not (tmp_path / "o").exists()
