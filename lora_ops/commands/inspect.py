@@ -50,6 +50,8 @@ def summarize(path: str | Path, base=None) -> dict:
                 "norm": round(_norm(mod), 6),
             }
     targets = {comp: sorted({_kind(n) for n in lora.component(comp)}) for comp in COMPONENTS}
+    if fmt == "lora_diffusion" and base is None:  # modules are only indices: show the recorded classes
+        targets = {c: [f"class {k}" for k in json.loads(metadata.get(c) or "[]")] for c in COMPONENTS}
     ranks = sorted({m["r"] for m in modules.values()})
     return {
         "file": str(path),
