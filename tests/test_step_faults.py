@@ -1,0 +1,174 @@
+"""Faults: the S3 server restarting mid-upload, a tune step killed mid-training, corrupted objects, bad credentials."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from minio import Minio
+from stack_fixtures import mlflow_server, restart_seaweedfs, s3_server, stack_env, start_seaweedfs  # noqa: F401
+from test_register import make_lora
+from test_steps import raw_images, upload_folder
+
+from steps import distill, tune
+from steps.artifacts import (
+    IntegrityError,
+    StorageError,
+    Store,
+    StoreConfig,
+    fetch,
+    find_completed,
+    parse_uri,
+    publish,
+    read_manifest,
+    sha256_file,
+)
+
+
+def _many_files(folder, n=8, size=1024 * 1024):
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"part{i}.bin").write_bytes(os.urandom(size))
+    return folder
+
+
+@pytest.fixture
+def own_s3(tmp_path, monkeypatch):
+    """A SeaweedFS of this test only (it gets killed), with the environment pointing at it."""
+    holder = {"server": start_seaweedfs(tmp_path / "s3data")}
+    for key, value in holder["server"].env.items():
+        monkeypatch.setenv(key, value)
+    yield holder
+    holder["server"].stop()
+
+
+def _kill_on_upload(monkeypatch, holder, at: int, restart_after: float | None):
+    """Kill the S3 server when the `at`-th file upload starts; optionally start it again in the background."""
+    original = Store.put_file
+    calls = {"n": 0}
+
+    def put_file(self, src, loc):
+        calls["n"] += 1
+        if calls["n"] == at:
+            holder["server"].kill()
+            if restart_after is not None:
+
+                def restart():
+                    time.sleep(restart_after)
+                    holder["server"] = start_seaweedfs(**holder["server"].restart_args)
+
+                threading.Thread(target=restart, daemon=True).start()
+        return original(self, src, loc)
+
+    monkeypatch.setattr(Store, "put_file", put_file)
+    return calls
+
+
+def test_s3_restart_during_upload_is_retried(tmp_path, own_s3, monkeypatch, capfd):
+    src = _many_files(tmp_path / "out")
+    calls = _kill_on_upload(monkeypatch, own_s3, at=3, restart_after=1.0)
+    out = "s3://artifacts/runs/restart/tune/"
+    result = publish(src, out, step="tune", run_id="restart", inputs={}, parameters={}, result={"ok": 1})
+    assert calls["n"] == 8 and result["ok"] == 1
+    assert "part2.bin: " in capfd.readouterr().err  # the third upload was retried while the server was down
+    got = fetch(out, tmp_path / "got", require_manifest=True)  # every file is there and matches its hash
+    assert sorted(p.name for p in got.path.iterdir()) == [f"part{i}.bin" for i in range(8)]
+
+
+def test_upload_that_fails_leaves_no_trusted_prefix(tmp_path, own_s3, monkeypatch):
+    src = _many_files(tmp_path / "out")
+    _kill_on_upload(monkeypatch, own_s3, at=4, restart_after=None)
+    store = Store(StoreConfig.from_env(attempts=2, backoff=0.1))
+    out = "s3://artifacts/runs/torn/tune/"
+    with pytest.raises(StorageError, match="still failing after 2 attempts"):
+        publish(src, out, step="tune", run_id="torn", inputs={}, parameters={}, result={}, store=store)
+    own_s3["server"] = start_seaweedfs(**own_s3["server"].restart_args)
+    assert len(Store(StoreConfig.from_env()).list(parse_uri(out))) == 3  # the files before the kill arrived
+    assert read_manifest(out) is None  # three files arrived, but no manifest: not a completed output
+    assert find_completed(out, "tune", {}, {}) is None  # a retried step redoes the work
+    with pytest.raises(IntegrityError, match="no manifest.json there"):
+        fetch(out, tmp_path / "got", name="--lora", require_manifest=True)
+
+
+def test_tune_killed_mid_training_resumes_from_uploaded_checkpoint(tmp_path, stack_env, tiny_model, monkeypatch):  # noqa: F811
+    from lora_ops import LoraFile, save_lora
+
+    monkeypatch.setenv("LORA_PIPELINE_CACHE", str(tmp_path / "cache"))
+    dataset = upload_folder(stack_env, raw_images(tmp_path / "raw"), "artifacts", "datasets/killed")
+    tokens_dir = tmp_path / "tokens"
+    tokens_dir.mkdir()
+    save_lora(tokens_dir / "tokens.safetensors", LoraFile(tokens={"<s1>": torch.randn(32) * 0.4}))
+    tokens = "s3://artifacts/runs/killed/invert/"
+    publish(tokens_dir, tokens, step="invert", run_id="killed", inputs={}, parameters={"template": "object"},
+            result={"tokens": tokens + "tokens.safetensors"})  # fmt: skip
+    out = "s3://artifacts/runs/killed/tune/"
+    argv = ["--run-id", "killed", "--dataset", dataset, "--tokens", tokens, "--base-model", str(tiny_model),
+            "--out", out, "--rank", "2", "--steps", "8", "--save-steps", "2", "--resolution", "32", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "steps.tune", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    client = Minio(stack_env["S3_ENDPOINT_URL"].split("://")[1], access_key=stack_env["AWS_ACCESS_KEY_ID"],
+                   secret_key=stack_env["AWS_SECRET_ACCESS_KEY"], secure=False)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        names = [
+            o.object_name for o in client.list_objects("artifacts", "runs/killed/tune/checkpoints/", recursive=True)
+        ]
+        if "runs/killed/tune/checkpoints/tuning-000002/manifest.json" in names:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"tune ended before it could be killed: {proc.communicate()[1][-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert read_manifest(out) is None  # killed: no output manifest
+
+    proc = subprocess.run([sys.executable, "-m", "steps.tune", *argv], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["resumed_from"] in ("tuning-000002", "tuning-000004", "tuning-000006")
+    assert "resuming from checkpoint" in proc.stderr
+    resumed_at = int(result["resumed_from"].split("-")[1])
+    # the resumed attempt trained only the remaining steps
+    assert proc.stderr.count("uploaded checkpoint") == (8 - resumed_at) // 2
+    manifest, _ = read_manifest(out)
+    assert [f["path"] for f in manifest["files"]] == ["lora.safetensors"]
+
+
+def test_corrupted_input_fails_the_step_with_a_clear_error(tmp_path, stack_env, tiny_model, capsys):  # noqa: F811
+    folder = tmp_path / "tune"
+    folder.mkdir()
+    make_lora(tiny_model, folder / "lora.safetensors")
+    out = "s3://artifacts/runs/corrupt-step/tune/"
+    publish(folder, out, step="tune", run_id="corrupt-step", inputs={}, parameters={}, result={})
+    data = bytearray((folder / "lora.safetensors").read_bytes())
+    data[-10] ^= 0x01
+    client = Minio(stack_env["S3_ENDPOINT_URL"].split("://")[1], access_key=stack_env["AWS_ACCESS_KEY_ID"],
+                   secret_key=stack_env["AWS_SECRET_ACCESS_KEY"], secure=False)  # fmt: skip
+    client.put_object("artifacts", "runs/corrupt-step/tune/lora.safetensors", io.BytesIO(data), len(data))
+    code = distill.main(["--run-id", "corrupt-step", "--lora", out, "--rank", "1", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("distill: error: s3://artifacts/runs/corrupt-step/tune/lora.safetensors: sha256")
+    assert "re-run the step that wrote it" in err[-1]
+    assert not (tmp_path / "d").exists()
+    assert sha256_file(folder / "lora.safetensors") != ""  # the source is untouched
+
+
+def test_wrong_credentials_fail_the_step_with_a_clear_error(tmp_path, stack_env, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-1234")
+    code = tune.main(["--run-id", "creds", "--dataset", "s3://artifacts/datasets/x/", "--tokens", "s3://artifacts/t/",
+                      "--base-model", "org/model", "--out", "s3://artifacts/runs/creds/tune/"])  # fmt: skip
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "rejected the credentials" in err[0] and "AWS_SECRET_ACCESS_KEY" in err[0]
+    assert "not-the-secret-1234" not in captured.err + captured.out
