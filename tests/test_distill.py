@@ -92,3 +92,21 @@ def test_cli_distill(models, tiny_model, tmp_path, capsys):
     lora = load_lora(out)
     assert lora.unet and lora.text_encoder and lora.metadata["base_model"] == str(tiny_model)
     assert cli([*args, "--rank", "0"]) == 2
+
+
+@pytest.mark.gpu
+def test_distill_and_resize_on_cuda_match_cpu(models):
+    from lora_ops.resize import ResizeConfig, resize_lora
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker needs a CUDA device; deselect it with -m 'not gpu'")
+    _, base, tuned, _ = models
+    config = dict(rank=2, clamp_quantile=1.0)
+    cpu, _ = distill(tuned, base, DistillConfig(device="cpu", **config), progress=False)
+    gpu, _ = distill(tuned, base, DistillConfig(device="cuda", **config), progress=False)
+    for name, mod in cpu.unet.items():
+        torch.testing.assert_close(gpu.unet[name].delta(), mod.delta(), rtol=1e-3, atol=1e-5)
+    small_cpu, _ = resize_lora(cpu, ResizeConfig(rank=1), progress=False)
+    small_gpu, _ = resize_lora(cpu, ResizeConfig(rank=1, device="cuda"), progress=False)
+    for name, mod in small_cpu.unet.items():
+        torch.testing.assert_close(small_gpu.unet[name].delta(), mod.delta(), rtol=1e-3, atol=1e-5)

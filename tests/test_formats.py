@@ -113,7 +113,7 @@ def test_diffusers_loads_our_exports_same_image(tiny_model, pipe, lora, tmp_path
     np.testing.assert_allclose(run_pipe(theirs), ours, atol=1e-5)
 
 
-def test_native_file_is_rejected_by_diffusers_but_export_works(tiny_model, lora, tmp_path):
+def test_native_file_is_rejected_by_load_lora_weights(tiny_model, lora, tmp_path):
     save_lora(tmp_path / "n.safetensors", lora)
     with pytest.raises(Exception):  # noqa: B017 - documenting diffusers' behaviour, whatever it raises
         load_pipeline(tiny_model).load_lora_weights(str(tmp_path / "n.safetensors"))
