@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 
 from .dataset import IMAGE_EXTENSIONS, DatasetConfig, ImageDataset
 from .lora_file import save_lora
-from .train import (
+from .train_checkpoint import load_checkpoint, resolve_resume
+from .train_config import DreamBoothConfig
+from .train_loop import (
     Callback,
     Phase,
     Source,
@@ -27,8 +29,6 @@ from .train import (
     lora_metadata,
     run_phase,
 )
-from .train_checkpoint import load_checkpoint, resolve_resume
-from .train_config import DreamBoothConfig
 
 
 def _count_images(directory: Path) -> int:

@@ -10,8 +10,8 @@ from PIL import Image
 from lora_ops.dataset import BatchSampler, DatasetConfig, ImageDataset
 from lora_ops.dreambooth import train_dreambooth
 from lora_ops.lora_file import load_lora
-from lora_ops.train import Source, build_batch, load_trainee
 from lora_ops.train_config import DreamBoothConfig
+from lora_ops.train_loop import Source, build_batch, load_trainee
 
 
 @pytest.fixture(autouse=True)

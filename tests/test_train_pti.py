@@ -20,19 +20,15 @@ from lora_ops.losses import min_snr_weights, prediction_target
 from lora_ops.models import load_pipeline
 from lora_ops.runtime import patch_pipeline
 from lora_ops.train import (
-    Source,
     _init_tokens,
-    current_lora,
     inversion_phase,
-    load_trainee,
-    measure_loss,
     run_inversion,
-    run_phase,
     run_tuning,
     train_pti,
     unwrap_token_embedding,
 )
 from lora_ops.train_config import PTIConfig
+from lora_ops.train_loop import Source, current_lora, load_trainee, measure_loss, run_phase
 
 
 @pytest.fixture(autouse=True)
