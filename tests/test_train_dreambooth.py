@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,20 @@ def test_dreambooth_validation(tiny_model, tmp_path):
         db_config(tiny_model, data, tmp_path, prior_loss_weight=-1)
     with pytest.raises(ValueError, match="is a 'tuning' checkpoint|not a complete checkpoint"):
         train_dreambooth(db_config(tiny_model, data, tmp_path / "o", resume=str(tmp_path / "tuning-000001")))
+
+
+def test_dreambooth_cli(tiny_model, tmp_path, capsys):
+    from lora_ops.cli import main
+
+    data = make_images(tmp_path / "instance")
+    code = main([
+        "train", "dreambooth", f"--pretrained_model_name_or_path={tiny_model}", f"--instance_data_dir={data}",
+        f"--output_dir={tmp_path / 'out'}", "--instance_prompt=a photo of sks dog", "--resolution=32",
+        "--max_train_steps=2", "--lora_rank=2", "--progress=false", "--eval_noises=0", "--out_name=dog",
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["path"].endswith("dog.safetensors")
+    lora = load_lora(report["path"])
+    assert lora.unet and all(m.r == 2 for m in lora.unet.values())
+    assert lora.metadata["training_config"]["instance_prompt"] == "a photo of sks dog"
