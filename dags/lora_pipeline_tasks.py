@@ -201,6 +201,7 @@ class LocalStepOperator(BaseOperator):
         env = {**os.environ, **self.env_vars, "PYTHONUNBUFFERED": "1"}
         self.log.info("Running %s", " ".join(cmd))
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self._proc = proc
 
         def pump_stderr():
             for line in proc.stderr:
@@ -219,6 +220,16 @@ class LocalStepOperator(BaseOperator):
         if code != 0:
             raise AirflowException(f"steps.{self.step}: exit code {code}")
         return _last_json(out_lines)
+
+    def on_kill(self) -> None:
+        """The task was stopped (UI, timeout): stop the step too; it leaves no half-published output."""
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _docker_operator_class():
