@@ -240,3 +240,31 @@ def test_local_operator_fails_without_retry_on_invalid_input():
                            env_vars={})  # fmt: skip
     with pytest.raises(AirflowFailException, match="exit 2"):
         op.execute({})  # argparse: --evaluation and --model-name are required -> exit 2
+
+
+def test_change_detection_selects_new_and_changed_subjects():
+    from lora_datasets import finetune_confs, select_subjects
+
+    hashes = {"cat": "h1", "dog": "h2", "owl": "h3"}
+    champions = {"cat": "h1", "dog": "old", "owl": None}
+    assert select_subjects(hashes, champions) == ["dog", "owl"]
+    uris = {s: f"s3://b/datasets/{s}/" for s in hashes}
+    confs = finetune_confs(["dog"], uris, "lora-", {"tune_steps": 500})
+    assert confs == [{"tune_steps": 500, "dataset_uri": "s3://b/datasets/dog/", "model_name": "lora-dog"}]
+    with pytest.raises(ValueError, match="model_name"):
+        finetune_confs(["dog"], uris, "lora-", {"model_name": "x"})
+
+
+def test_dataset_asset_links_producer_and_consumer(dagbag):
+    from lora_datasets import DATASETS
+
+    consumer = dagbag.dags["lora_retrain"]
+    assert [a.uri for a in consumer.timetable.asset_condition.objects] == [DATASETS.uri]
+    producer = dagbag.dags["lora_dataset_updated"].get_task("announce")
+    assert [a.uri for a in producer.outlets] == [DATASETS.uri]
+    batch = dagbag.dags["lora_batch"]
+    assert batch.timetable.can_be_scheduled and batch.catchup is False
+    for dag in (batch, consumer):
+        trigger = dag.get_task("finetune")
+        assert trigger.partial_kwargs["trigger_dag_id"] == "lora_finetune"
+        assert trigger.partial_kwargs["max_active_tis_per_dagrun"] >= 1
