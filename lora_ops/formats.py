@@ -69,6 +69,9 @@ def detect_format(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None
         "sd_checkpoint_name",
     } and ("emb_params" in keys or "string_to_param" in keys):
         return "a1111_embedding"
+    if len(keys) == 1 and getattr(tensors[keys[0]], "ndim", 0) in (1, 2) and keys[0].startswith("<"):
+        # diffusers' save_textual_inversion: {"<token>": (n, dim)}
+        return "a1111_embedding"
     if keys[0].startswith("base_model.model."):
         raise ValueError(
             "detected a bare PEFT adapter (base_model.model.* keys) without component prefixes; "
@@ -202,10 +205,14 @@ def read_any(path: str | Path, base: Any = None, token: str | None = None) -> Lo
     Args:
         base: the base model (folder, pipeline, or {"unet", "text_encoder"}); needed for lora_diffusion
             files, and used to check every module and shape when given.
-        token: the token of an A1111 embedding (default: `<file stem>`).
+        token: the token of an embedding (default: the token a `{"<token>": …}` file names, else
+            `<file stem>`).
     """
     fmt, tensors, metadata = read_raw(path)
-    return lora_from_raw(fmt, tensors, metadata, base, token or f"<{Path(path).stem}>")
+    if token is None:
+        only = next(iter(tensors)) if len(tensors) == 1 else ""
+        token = only if fmt == "a1111_embedding" and only.startswith("<") else f"<{Path(path).stem}>"
+    return lora_from_raw(fmt, tensors, metadata, base, token)
 
 
 def provenance_metadata(lora: LoraFile) -> dict[str, str]:

@@ -149,6 +149,8 @@ def test_a1111_pt_embedding_read_with_weights_only(tmp_path):
     )
     lora = read_any(tmp_path / "cat.pt")
     assert list(lora.tokens) == ["<cat>", "<cat>_1"]
+    save_file({"<dog>": rows}, tmp_path / "learned.safetensors")  # diffusers' save_textual_inversion layout
+    assert torch.equal(read_any(tmp_path / "learned.safetensors").tokens["<dog>_1"], rows[1])
     assert torch.equal(lora.tokens["<cat>_1"], rows[1])
     # .pt -> safetensors through the CLI
     assert cli(["convert", str(tmp_path / "cat.pt"), str(tmp_path / "cat.safetensors"), "--to", "a1111_embedding"]) == 0
