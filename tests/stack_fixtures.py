@@ -262,20 +262,39 @@ def start_mlflow(
 # pytest fixtures
 
 
+# Each test module imports these fixtures, which makes each module's copy a separate fixture to pytest;
+# the servers are shared through this process-wide registry instead, started once and stopped by the
+# last session-scoped user.
+_SHARED: dict[str, list] = {}
+
+
+def _acquire(key: str, start):
+    if key not in _SHARED:
+        _SHARED[key] = [start(), 0]
+    _SHARED[key][1] += 1
+    return _SHARED[key][0]
+
+
+def _release(key: str) -> None:
+    entry = _SHARED[key]
+    entry[1] -= 1
+    if entry[1] == 0:
+        entry[0].stop()
+        del _SHARED[key]
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A SeaweedFS S3 server for the test session (its env: S3_ENDPOINT_URL and credentials)."""
-    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs") / "data")
-    yield server
-    server.stop()
+    yield _acquire("s3", lambda: start_seaweedfs(tmp_path_factory.mktemp("seaweedfs") / "data"))
+    _release("s3")
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, s3_server):
     """An MLflow tracking server (SQLite) whose artifacts live on `s3_server`."""
-    server = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3_server)
-    yield server
-    server.stop()
+    yield _acquire("mlflow", lambda: start_mlflow(tmp_path_factory.mktemp("mlflow"), s3_server))
+    _release("mlflow")
 
 
 @pytest.fixture

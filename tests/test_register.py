@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -102,13 +100,11 @@ def test_champion_moves_only_when_better_and_retry_makes_no_duplicate(tmp_path, 
 
     # serving lookup: the console script and the pyfunc model
     out = tmp_path / "served"
-    proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from steps.registry import main; sys.exit(main())", "get",
-         f"{name}@champion", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    from steps.registry import main as registry_main  # the `lora-registry` console script
+
+    assert registry_main(["get", f"{name}@champion", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    got = json.loads(captured.out.strip().splitlines()[-1])
     assert got["version"] == 3 and "champion" in got["aliases"]
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["lora_sha256"] == sha256_file(out / "lora.safetensors")

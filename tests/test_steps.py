@@ -120,15 +120,10 @@ def test_chain_preprocess_to_register(tmp_path, stack_env, tiny_model, vision_mo
     assert gifs, f"no alpha-sweep GIF among {logged}"
 
 
-def test_step_command_line_and_clear_errors(tmp_path, stack_env):  # noqa: F811
+def test_step_command_line_and_clear_errors(tmp_path, stack_env, capsys):  # noqa: F811
     """The real console entry point: usage errors and bad input exit non-zero with one line, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "steps.distill", "--run-id", "x", "--lora", "s3://artifacts/none/",
-                           "--rank", "0", "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert (
-        proc.returncode == 2
-        and proc.stderr.strip().splitlines()[-1] == "distill: error: --rank=0: must be a positive integer"
-    )
+    assert distill.main(["--run-id", "x", "--lora", "s3://artifacts/none/", "--rank", "0", "--out", "o"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["distill: error: --rank=0: must be a positive integer"]
     proc = subprocess.run([sys.executable, "-m", "steps.distill", "--run-id", "x", "--lora", "s3://artifacts/none/",
                            "--rank", "2", "--out", str(tmp_path / "o")], capture_output=True, text=True,
                           timeout=300)  # fmt: skip
