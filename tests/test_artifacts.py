@@ -62,8 +62,8 @@ def test_parse_uri_forms_and_errors(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["s3", "local"])
-def test_publish_then_fetch_verifies_every_file(where, tmp_path, s3_env, request):
-    out = f"s3://artifacts/runs/{where}-{request.node.name[-8:-1]}/tune/" if where == "s3" else str(tmp_path / "pub")
+def test_publish_then_fetch_verifies_every_file(where, tmp_path, s3_env):
+    out = "s3://artifacts/runs/roundtrip/tune/" if where == "s3" else str(tmp_path / "pub")
     src = _folder(tmp_path)
     inputs = {"dataset": {"uri": "s3://data/d/", "sha256": "ab" * 32}}
     result = publish(
