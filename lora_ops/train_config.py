@@ -18,6 +18,7 @@ from typing import Any, Literal
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "trace")
 
 # names of the original trainer that mean "the dataset folder holds masks" (`name.mask.png`)
 ALIASES = {"use_face_segmentation_condition": "use_masks", "use_mask_captioned_data": "use_masks"}
@@ -90,6 +91,19 @@ class TrainConfig:
         eval_noises: measure the loss on every training image with this many fixed (noise, timestep)
             pairs before and after each phase (metrics `<phase>/eval_loss_before|after`); 0 = off.
         progress: show a progress bar.
+        compile: `torch.compile` the UNet: "auto" ("reduce-overhead", i.e. CUDA graphs, on CUDA; "none"
+            elsewhere), "none" (eager), "default", "reduce-overhead", "max-autotune", or "trace" (graphs
+            captured and run with eager kernels: checks tracing without a compiler). Falls back to eager,
+            with a warning, where compiling fails.
+        accumulation: how `gradient_accumulation_steps` run: "batch" (the micro-batches as one larger
+            batch: the same loss and gradient, fewer kernel launches, more memory), "loop" (one micro-batch
+            at a time), "auto" ("batch" unless LoRA dropout (random per call) or gradient checkpointing
+            (a sign that memory is short) is on).
+        channels_last: store the UNet's convolution weights channels-last (faster convolutions on tensor
+            cores).
+        cast_base_weights: with mixed precision, cast the frozen base Linear/Conv weights to the autocast
+            dtype once, instead of autocast casting them on every call (the same numbers: autocast
+            computes those layers in that dtype anyway). Trained parameters stay fp32.
     """
 
     pretrained_model_name_or_path: str = ""
@@ -134,6 +148,10 @@ class TrainConfig:
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     eval_noises: int = 2
     progress: bool = True
+    compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune", "trace"] = "auto"
+    accumulation: Literal["auto", "batch", "loop"] = "auto"
+    channels_last: bool = False
+    cast_base_weights: bool = True
 
     def __post_init__(self):
         for name in ("pretrained_model_name_or_path", "instance_data_dir", "output_dir"):
@@ -165,6 +183,8 @@ class TrainConfig:
         _check_choice("cached_latents", self.cached_latents, ("auto", "on", "off"))
         _check_choice("save_dtype", self.save_dtype, ("fp32", "fp16", "bf16"))
         _check_int("eval_noises", self.eval_noises, 0)
+        _check_choice("compile", self.compile, COMPILE_MODES)
+        _check_choice("accumulation", self.accumulation, ("auto", "batch", "loop"))
         for f in dataclasses.fields(self):
             if f.type == "bool":
                 _check_bool(f.name, getattr(self, f.name))

@@ -109,6 +109,86 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+def resolve_compile(mode: str, device: torch.device) -> str:
+    """The compile mode to use: "auto" is "reduce-overhead" (CUDA graphs) on CUDA and "none" elsewhere."""
+    if mode == "auto":
+        return "reduce-overhead" if device.type == "cuda" else "none"
+    return mode
+
+
+def resolve_accumulation(config: TrainConfig) -> str:
+    """ "batch" or "loop" (see `TrainConfig.accumulation`)."""
+    if config.accumulation != "auto":
+        return config.accumulation
+    return "loop" if config.lora_dropout_p > 0 or config.gradient_checkpointing else "batch"
+
+
+@torch.no_grad()
+def cast_frozen_weights(module: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen weights and biases of `module`'s Linear and Conv layers to `dtype`; returns how many.
+
+    Under autocast these layers compute in `dtype` anyway (autocast rounds fp32 weights to it on every
+    call), so the result is the same while the per-call casts and the fp32 copies' bandwidth go away.
+    Normalisation layers and embeddings, which autocast keeps in fp32, are left alone; so are trained
+    parameters (LoRA, tokens).
+    """
+    count = 0
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            for p in (layer.weight, layer.bias):
+                if p is not None and not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+                    count += 1
+    return count
+
+
+class CompiledUNet:
+    """The UNet's forward under `torch.compile`, falling back to eager (with a warning) if compiling fails.
+
+    `mode` is a `TrainConfig.compile` mode other than "auto"/"none"; "trace" uses the "aot_eager" backend
+    (graphs captured through dynamo and AOTAutograd, kernels eager).
+    """
+
+    def __init__(self, unet: nn.Module, mode: str, device: torch.device):
+        self.unet, self.mode, self.device = unet, mode, device
+        self.failed: str | None = None
+        kwargs = {"backend": "aot_eager"} if mode == "trace" else {"mode": mode}
+        try:
+            self.compiled = torch.compile(unet, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any compiler problem means: run eager
+            self._fall_back(exc)
+
+    def _fall_back(self, exc: BaseException) -> None:
+        import warnings
+
+        self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self.compiled = None
+        warnings.warn(f"torch.compile(mode={self.mode!r}) failed, training eagerly: {self.failed}", stacklevel=2)
+
+    def step_begin(self) -> None:
+        if self.compiled is not None and self.mode == "reduce-overhead" and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.unet(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            if self.failed is not None or not _is_compile_error(exc):
+                raise
+            self._fall_back(exc)
+            return self.unet(*args, **kwargs)
+
+
+def _is_compile_error(exc: BaseException) -> bool:
+    """An error of the compiler stack (dynamo, inductor, a missing C compiler or Triton), not of the model."""
+    module = type(exc).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "triton")) or isinstance(
+        exc, (ImportError, OSError, NotImplementedError)
+    )
+
+
 def load_trainee(config: TrainConfig) -> Trainee:
     """Load the base model in fp32 on the configured device, frozen, with a DDPM noise scheduler."""
     from diffusers import AutoencoderKL, DDPMScheduler
@@ -242,6 +322,24 @@ def build_batch(trainee: Trainee, sources: list[Source], batch_size: int, aug: t
         "masks": torch.cat(masks) if any(s.dataset.config.use_masks for s in sources) else None,
         "inpaint_cond": torch.cat(inpaint) if inpaint else None,
     }
+    return out
+
+
+def join_batches(batches: list[dict], accum: int) -> dict:
+    """The micro-batches of one optimizer step as one batch whose loss is the mean of theirs.
+
+    Every loss term is per sample (GroupNorm and LayerNorm normalise within a sample), so the loss of the
+    joined batch with sample weights divided by `accum` equals the sum of the micro-batch losses / accum,
+    and so does its gradient.
+    """
+
+    def cat(key):
+        values = [b[key] for b in batches]
+        return None if values[0] is None else torch.cat(values)
+
+    out = {key: cat(key) for key in ("latents", "noise", "timesteps", "masks", "pixel_weights", "inpaint_cond")}
+    out["sample_weights"] = torch.cat([b["sample_weights"] for b in batches]) / accum
+    out["prompts"] = [p for b in batches for p in b["prompts"]]
     return out
 
 
@@ -451,52 +549,83 @@ def run_phase(
             "config": _resumable_config(config),
         }
 
-    metrics: dict[str, float] = {}
-    if config.eval_noises and start == 0:
-        metrics[f"{phase.name}/eval_loss_before"] = measure_loss(
-            trainee, sources[0].dataset, config.seed, config.eval_noises, device
-        )
-    trainee.unet.train(phase.unet_trained)
-    trainee.text_encoder.train(phase.text_trained)
+    # ---- speed: frozen weights in the compute dtype, channels-last, compiled UNet, accumulation as one batch
+    unet = trainee.unet
+    if config.cast_base_weights and trainee.autocast_dtype is not None:
+        cast_frozen_weights(trainee.unet, trainee.autocast_dtype)
+        cast_frozen_weights(trainee.text_encoder, trainee.autocast_dtype)
+    if config.channels_last:
+        trainee.unet.to(memory_format=torch.channels_last)
+    compile_mode = resolve_compile(config.compile, device)
+    compiled = CompiledUNet(trainee.unet, compile_mode, device) if compile_mode != "none" else None
+    if compiled is not None:
+        unet = compiled
+    as_batch = resolve_accumulation(config) == "batch" and accum > 1
     autocast = torch.autocast(
         device.type, dtype=trainee.autocast_dtype or torch.float32, enabled=trainee.autocast_dtype is not None
     )
+
+    metrics: dict[str, float] = {}
+    if config.eval_noises and start == 0:
+        with autocast:
+            metrics[f"{phase.name}/eval_loss_before"] = measure_loss(
+                trainee, sources[0].dataset, config.seed, config.eval_noises, device
+            )
+    trainee.unet.train(phase.unet_trained)
+    trainee.text_encoder.train(phase.text_trained)
     all_params = list(params.values())
     t_count = trainee.noise_scheduler.config.num_train_timesteps
+
+    def draw() -> dict:
+        """One micro-batch with its noise and timesteps (the generators advance in a fixed order)."""
+        batch = build_batch(trainee, sources, batch_size, aug_gen, noise_gen)
+        latents = batch["latents"]
+        noise = torch.randn(latents.shape, generator=noise_gen)
+        if config.noise_offset:
+            noise += config.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=noise_gen)
+        timesteps = torch.randint(0, t_count, (latents.shape[0],), generator=noise_gen)
+        batch["noise"], batch["timesteps"] = noise.to(device), timesteps.to(device)
+        batch["pixel_weights"] = None
+        if batch["masks"] is not None:
+            batch["pixel_weights"] = mask_weights(
+                batch["masks"].to(device), latents.shape[-2:], config.mask_temperature
+            )
+        return batch
+
     losses: list[float] = []
     began = time.perf_counter()
     bar = tqdm(total=phase.steps, initial=start, desc=phase.name, disable=not config.progress, leave=False)
     for step in range(start, phase.steps):
-        # ---- forward and backward over the micro-batches of one optimizer step
+        # ---- forward and backward over the micro-batches of one optimizer step (or over all of them at once)
+        micro = [draw() for _ in range(accum)]
+        if as_batch:
+            micro, divisor = [join_batches(micro, accum)], 1
+        else:
+            divisor = accum
         step_loss = torch.zeros((), device=device)
-        for _ in range(accum):
-            batch = build_batch(trainee, sources, batch_size, aug_gen, noise_gen)
+        for batch in micro:
+            if compiled is not None:
+                compiled.step_begin()
             latents = batch["latents"]
-            noise = torch.randn(latents.shape, generator=noise_gen)
-            if config.noise_offset:
-                noise += config.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=noise_gen)
-            timesteps = torch.randint(0, t_count, (latents.shape[0],), generator=noise_gen)
-            noise, timesteps = noise.to(device), timesteps.to(device)
-            pixel_weights = None
-            if batch["masks"] is not None:
-                pixel_weights = mask_weights(batch["masks"].to(device), latents.shape[-2:], config.mask_temperature)
+            if config.channels_last:
+                latents = latents.contiguous(memory_format=torch.channels_last)
             with autocast:
                 embeds = encode(batch["prompts"])
                 loss = train_step(
-                    trainee.unet,
+                    unet,
                     trainee.noise_scheduler,
                     latents,
                     embeds,
-                    noise,
-                    timesteps,
+                    batch["noise"],
+                    batch["timesteps"],
                     batch["sample_weights"],
-                    pixel_weights,
+                    batch["pixel_weights"],
                     batch["inpaint_cond"],
                     config.min_snr_gamma,
                 )
-            scaled = loss / accum
+            scaled = loss / divisor
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            step_loss += loss.detach().float() / accum
+            step_loss += loss.detach().float() / divisor
 
         # ---- stop on a non-finite loss, keeping the last good checkpoint
         loss_value = step_loss.item()
@@ -544,10 +673,13 @@ def run_phase(
         metrics[f"{phase.name}/loss"] = float(np.mean(losses[-max(1, len(losses) // 10) :]))
         metrics[f"{phase.name}/seconds"] = time.perf_counter() - began
         metrics[f"{phase.name}/steps_per_second"] = len(losses) / max(metrics[f"{phase.name}/seconds"], 1e-9)
+    if compiled is not None:
+        metrics[f"{phase.name}/compiled"] = float(compiled.compiled is not None)
     if config.eval_noises:
-        metrics[f"{phase.name}/eval_loss_after"] = measure_loss(
-            trainee, sources[0].dataset, config.seed, config.eval_noises, device
-        )
+        with autocast:
+            metrics[f"{phase.name}/eval_loss_after"] = measure_loss(
+                trainee, sources[0].dataset, config.seed, config.eval_noises, device
+            )
     return metrics
 
 
