@@ -498,6 +498,14 @@ def run_phase(
     from diffusers.optimization import get_scheduler
 
     params = phase.named_params()
+    if config.cast_base_weights and trainee.autocast_dtype is not None:
+        # frozen weights in the compute dtype once; trained parameters fp32 (before the optimizer sees them)
+        cast_frozen_weights(trainee.unet, trainee.autocast_dtype)
+        cast_frozen_weights(trainee.text_encoder, trainee.autocast_dtype)
+    with torch.no_grad():
+        for p in params.values():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
     optimizer = make_optimizer(phase.groups, config.use_8bit_adam, device)
     lr_scheduler = get_scheduler(
         phase.lr_scheduler, optimizer, num_warmup_steps=phase.warmup, num_training_steps=max(phase.steps, 1)
@@ -549,11 +557,8 @@ def run_phase(
             "config": _resumable_config(config),
         }
 
-    # ---- speed: frozen weights in the compute dtype, channels-last, compiled UNet, accumulation as one batch
+    # ---- speed: channels-last, compiled UNet, accumulation as one batch
     unet = trainee.unet
-    if config.cast_base_weights and trainee.autocast_dtype is not None:
-        cast_frozen_weights(trainee.unet, trainee.autocast_dtype)
-        cast_frozen_weights(trainee.text_encoder, trainee.autocast_dtype)
     if config.channels_last:
         trainee.unet.to(memory_format=torch.channels_last)
     compile_mode = resolve_compile(config.compile, device)
@@ -717,6 +722,11 @@ def inject_trainable_lora(trainee: Trainee, config: TrainConfig) -> list[dict]:
     start whether or not phase 1 ran in the same process.
     """
     torch.manual_seed(config.seed + 7)
+    # a previous phase may have cast the frozen weights to bf16/fp16 (cast_base_weights); peft creates LoRA
+    # weights in their layer's dtype, so make the layers fp32 again (exact: every bf16/fp16 value is an fp32
+    # value) for fp32 LoRA weights; `run_phase` casts the frozen weights back
+    cast_frozen_weights(trainee.unet, torch.float32)
+    cast_frozen_weights(trainee.text_encoder, torch.float32)
     unet_cfg = LoraConfig(
         targets="unet-extended" if config.use_extended_lora else "unet",
         r=config.lora_rank,

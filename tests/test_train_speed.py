@@ -22,10 +22,18 @@ from PIL import Image
 
 from lora_ops.inject import LoraConfig, inject_lora
 from lora_ops.lora_file import read_safetensors
+from lora_ops.models import load_pipeline
 from lora_ops.tiny import build_models
 from lora_ops.train import train_pti
 from lora_ops.train_config import PTIConfig
-from lora_ops.train_loop import cast_frozen_weights, join_batches, resolve_accumulation, resolve_compile
+from lora_ops.train_loop import (
+    Trainee,
+    cast_frozen_weights,
+    inject_trainable_lora,
+    join_batches,
+    resolve_accumulation,
+    resolve_compile,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,6 +146,24 @@ def test_cast_frozen_weights_gives_the_autocast_result():
     assert torch.equal(before, after)
     for name in grads_before:
         assert torch.equal(grads_before[name], grads_after[name]), name
+
+
+def test_lora_weights_are_fp32_after_a_phase_with_bf16_base_weights(tiny_model, tmp_path):
+    """Phase 2 injects LoRA into layers that phase 1 cast to bf16: the new LoRA weights are still fp32."""
+    pipe = load_pipeline(str(tiny_model), device="cpu")
+    config = PTIConfig(
+        pretrained_model_name_or_path=str(tiny_model),
+        instance_data_dir=str(tmp_path),
+        output_dir=str(tmp_path),
+        train_text_encoder=True,
+    )
+    trainee = Trainee(pipe, None, torch.device("cpu"), torch.bfloat16, config)
+    for module in (pipe.unet, pipe.text_encoder):
+        module.requires_grad_(False)
+        assert cast_frozen_weights(module, torch.bfloat16) > 0
+    groups = inject_trainable_lora(trainee, config)
+    trained = [p for g in groups for p in g["params"].values()]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
 
 
 def test_join_batches_weights_each_sample_by_its_share():
