@@ -528,7 +528,9 @@ def run_phase(
         if state["phase"] != phase.name:
             raise ValueError(f"checkpoint is of phase {state['phase']!r}, not {phase.name!r}")
         saved, now = state.get("config", {}), _resumable_config(config)
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        # an option added after the checkpoint was written counts as unchanged while it has its default
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
         if changed:
             raise ValueError(f"cannot resume exactly: options changed since the checkpoint: {changed}")
         with torch.no_grad():

@@ -229,3 +229,21 @@ def test_cuda_graphs_match_eager_on_cuda(tiny_model, tmp_path):
     assert fast[2]["tuning/compiled"] == 1.0
     # bf16: losses agree to bf16 rounding of the activations (~1e-2 relative)
     np.testing.assert_allclose(eager[0], fast[0], rtol=2e-2)
+
+
+def test_checkpoint_from_before_the_speed_options_resumes(tiny_model, tmp_path):
+    """A checkpoint whose config lacks the speed options resumes while they have their defaults."""
+    from lora_ops.train_checkpoint import list_checkpoints
+
+    data = make_images(tmp_path / "data", n=2)
+    kw = dict(perform_inversion=False, max_train_steps_tuning=2, save_steps=1)
+    run(tiny_model, data, tmp_path / "out", **kw)
+    first = list_checkpoints(tmp_path / "out")[0]
+    state = torch.load(first / "state.pt", weights_only=True)
+    for key in ("compile", "accumulation", "channels_last", "cast_base_weights"):
+        del state["config"][key]
+    torch.save(state, first / "state.pt")
+    losses, _, _ = run(tiny_model, data, tmp_path / "out", resume=str(first), **kw)
+    assert len(losses) == 1  # the second step only
+    with pytest.raises(ValueError, match=r"options changed since the checkpoint: \['channels_last'\]"):
+        run(tiny_model, data, tmp_path / "out", resume=str(first), channels_last=True, **kw)
