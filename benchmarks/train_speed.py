@@ -37,6 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_ops.tiny import make_tiny_model  # noqa: E402
+from lora_ops.train_loop import resolve_compile  # noqa: E402
 
 REFERENCE_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -214,7 +215,7 @@ def project_trainer(args, model_dir: Path, data: Path, work: Path, device: torch
         warm = ts[args.warmup - 1] - (ts[-1] - loop_s)  # loop start to the end of warm-up (compile included)
         row = summarize(label, times, warm, args.batch, device, {"peak_gib": peaks.get(phase)})
         row["compiled"] = bool(result.metrics.get(f"{phase}/compiled", 0.0))
-        row["compile_mode"] = config.compile
+        row["compile_mode"] = resolve_compile(config.compile, device)
         rows.append(row)
     rows[0]["total_run_s"] = time.perf_counter() - began
     return rows
@@ -274,7 +275,7 @@ def pti_e2e(args, model_dir: Path, data: Path, work: Path, device: torch.device)
         "inversion_loop_s": inv,
         "tuning_loop_s": tun,
         "other_s (loading, latent caching, checkpoints, saving)": total - inv - tun,
-        "compile_mode": config.compile,
+        "compile_mode": resolve_compile(config.compile, device),
         "checkpoints": len(result.checkpoints),
     }
 
