@@ -34,6 +34,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_speed.py --arch tiny
+	$(PY) benchmarks/resize_speed.py
+	$(PY) benchmarks/lora_sizes.py
 
 up: $(STAMP)
 	$(PY) scripts/stack.py up
