@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= train,preprocess,pipeline,airflow,deploy,dev
 OUT ?= out
 
-.PHONY: install test lint format demo bench up down airflow images clean
+.PHONY: install test lint format demo demo-library bench up down airflow images clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,13 @@ format: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
+# the whole pipeline through Airflow on the local stack (tiny model, sample dataset, no downloads)
 demo: $(STAMP)
-	$(PY) -m lora_ops.demo --out $(OUT)/demo
+	$(PY) scripts/demo_pipeline.py --out $(OUT)/demo-pipeline
+
+# the library alone: inject, save, reload, alpha sweep grid
+demo-library: $(STAMP)
+	$(PY) -m lora_ops.demo --out $(OUT)/demo-library
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_speed.py --arch tiny
