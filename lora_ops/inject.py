@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -109,7 +110,10 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     )
     was_training = model.training
     model.requires_grad_(False)
-    peft.inject_adapter_in_model(peft_config, model, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # several named adapters in one model are intended here (one per loaded LoRA file)
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        peft.inject_adapter_in_model(peft_config, model, adapter_name=adapter_name)
     model.train(was_training)
     params = []
     for name in names:
