@@ -149,13 +149,12 @@ def extract_lora(model: nn.Module, component: str, adapter_name: str = "default"
     return out
 
 
-def load_adapter(
+def check_adapter(
     model: nn.Module, modules: Mapping[str, LoraModule], adapter_name: str = "default", component: str = "model"
 ) -> None:
-    """Inject an adapter shaped like `modules` (alpha = r per module) and copy the weights in.
+    """Raise ValueError if `modules` cannot be loaded into `model` as `adapter_name`; changes nothing.
 
-    Checks every module before changing anything: a name the model lacks or a shape that differs is a
-    ValueError naming the first mismatching module and both shapes.
+    Names the first module the model lacks, or the first whose shapes differ (with both shapes).
     """
     for name, mod in modules.items():
         layer = get_module(model, name)
@@ -177,6 +176,17 @@ def load_adapter(
             )
         if layer is not base and adapter_name in layer.lora_A:
             raise ValueError(f"adapter {adapter_name!r} is already loaded; remove it first or pick another name")
+
+
+def load_adapter(
+    model: nn.Module, modules: Mapping[str, LoraModule], adapter_name: str = "default", component: str = "model"
+) -> None:
+    """Inject an adapter shaped like `modules` (alpha = r per module) and copy the weights in.
+
+    Checks every module before changing anything: a name the model lacks or a shape that differs is a
+    ValueError naming the first mismatching module and both shapes.
+    """
+    check_adapter(model, modules, adapter_name, component)
     if not modules:
         return
     live = {live_name(model, n): m for n, m in modules.items()}

@@ -128,6 +128,10 @@ def atomic_write(path: str | Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600; give the file the permissions a plain open() would (umask applied)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -164,6 +168,8 @@ def save_lora(path: str | Path, lora: LoraFile, dtype: Literal["fp32", "fp16", "
         "lora_ops_version": _version(),
     }
     for key, value in meta.items():
+        if key in header or key in ("ranks", "dtype", "format", "format_version", "config_hash"):
+            continue  # derived from the tensors / this save, never from stale metadata
         header[key] = value if isinstance(value, str) else json.dumps(value)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
@@ -229,7 +235,7 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
         order = [t for t in _parse_json(metadata, "tokens", []) if t in lora.tokens]
         lora.tokens = {t: lora.tokens[t] for t in order + [t for t in lora.tokens if t not in order]}
     lora.metadata = {k: _parse_json(metadata, k, None) for k in metadata}
-    for key in ("ranks", "dtype", "format", "format_version", "config_hash", "lora_ops_version"):
+    for key in ("ranks", "tokens", "dtype", "format", "format_version", "config_hash", "lora_ops_version"):
         lora.metadata.pop(key, None)
     return lora
 

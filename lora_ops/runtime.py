@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .inject import load_adapter, lora_layers
+from .inject import check_adapter, load_adapter, lora_layers
 from .lora_file import LoraFile, load_lora
 from .tokens import apply_token_embeddings
 
@@ -55,6 +55,9 @@ def patch_pipeline(
     _check_scale("text_encoder_scale", text_encoder_scale)
     if adapter_name in adapter_names(pipe):
         raise ValueError(f"adapter {adapter_name!r} is already loaded; remove it first or pick another name")
+    # check everything first, so that a bad file leaves the pipeline as it was
+    for component, model in _models(pipe).items():
+        check_adapter(model, lora.component(component), adapter_name, component)
     if load_tokens and lora.tokens:
         apply_token_embeddings(pipe.tokenizer, pipe.text_encoder, lora.tokens)
     for component, model in _models(pipe).items():
@@ -96,12 +99,12 @@ def remove_lora(pipe, adapter_name: str) -> None:
     """Delete one adapter from the UNet and text encoder (learned tokens stay in the tokenizer)."""
     if adapter_name not in adapter_names(pipe):
         raise ValueError(f"no adapter {adapter_name!r} is loaded (loaded: {adapter_names(pipe)})")
-    for model in _models(pipe).values():
-        for layer in lora_layers(model).values():
-            if layer.merged:
-                raise ValueError("adapters are fused into the weights; unfuse before removing one")
-            if adapter_name in layer.lora_A:
-                layer.delete_adapter(adapter_name)
+    layers = [layer for model in _models(pipe).values() for layer in lora_layers(model).values()]
+    if any(layer.merged for layer in layers):
+        raise ValueError("adapters are fused into the weights; unfuse before removing one")
+    for layer in layers:
+        if adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
 
 
 def fuse_lora(pipe, adapter_names_: Sequence[str] | None = None) -> None:

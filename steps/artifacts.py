@@ -454,6 +454,14 @@ class Fetched:
         return {"uri": self.uri, "sha256": self.sha256}
 
 
+def _inside(dest: Path, rel: str, uri: str) -> Path:
+    """dest / rel, refusing object keys or manifest paths that would land outside `dest`."""
+    target = (dest / rel).resolve()
+    if Path(rel).is_absolute() or ".." in Path(rel).parts or not target.is_relative_to(dest.resolve()):
+        raise IntegrityError(f"{uri}: refusing file path {rel!r}: it points outside the download folder")
+    return dest / rel
+
+
 def fetch(
     uri: str | Path,
     dest: str | Path,
@@ -488,6 +496,7 @@ def fetch(
             raise FileNotFoundError(f"{name}={uri}: nothing there")
         files = []
         for rel, size in objects:
+            _inside(dest, rel, uri)
             store.get_file(loc.join(rel), dest / rel)
             files.append({"path": rel, "size": size, "sha256": sha256_file(dest / rel)})
         return Fetched(str(uri), dest, listing_hash(files), None)
@@ -496,7 +505,7 @@ def fetch(
         rel = entry["path"]
         if include is not None and not include(rel):
             continue
-        target = dest / rel
+        target = _inside(dest, rel, uri)
         if target.is_file() and target.stat().st_size == entry["size"] and sha256_file(target) == entry["sha256"]:
             continue  # already here (a retried step)
         store.get_file(loc.join(rel), target)

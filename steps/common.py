@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -74,12 +75,22 @@ def emit(result: dict[str, Any]) -> None:
     print(line, flush=True)
 
 
+_SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+
 def _redact(text: str) -> str:
-    for key in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
+    """Mask credential values from the environment and any `user:password@` part of a URL."""
+    for key in _SECRET_ENV:
         value = os.environ.get(key)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    return text
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
 
 
 def main(step: str, run: Callable[[list[str] | None], dict[str, Any]], argv: list[str] | None = None) -> int:

@@ -171,3 +171,23 @@ def test_base_model_from_s3_is_downloaded_once(tmp_path, s3_env, tiny_model, mon
     with pytest.raises(ValueError, match="--base-model='not a model'"):
         resolve_base_model("not a model")
     assert MANIFEST == "manifest.json"
+
+
+def test_manifest_paths_cannot_escape_the_download_folder(tmp_path):
+    out = tmp_path / "pub"
+    publish(_folder(tmp_path), str(out), step="tune", run_id="r1", inputs={}, parameters={}, result={})
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"][0]["path"] = "../../escaped.safetensors"
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="outside the download folder"):
+        fetch(str(out), tmp_path / "got" / "deeper", require_manifest=True)
+    assert not (tmp_path / "escaped.safetensors").exists()
+
+
+def test_step_errors_mask_credentials_and_url_passwords(monkeypatch):
+    from steps.common import _redact
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-123456")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-abcdef")
+    text = _redact("http://alice:pw0rd@mlflow:5000 failed with tok-123456 and secret-abcdef")
+    assert text == "http://***@mlflow:5000 failed with *** and ***"

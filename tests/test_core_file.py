@@ -115,3 +115,26 @@ def test_non_finite_weights_are_refused_and_nothing_is_written(tmp_path):
 def test_rank_mismatch_between_factors():
     with pytest.raises(ValueError, match="disagree on the rank"):
         LoraModule(torch.zeros(4, 8), torch.zeros(8, 3))
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = save_lora(tmp_path / "a.safetensors", _lora())
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_resaving_a_loaded_file_records_its_current_tokens(tmp_path):
+    lora = _lora()
+    lora.tokens["<s2>"] = torch.randn(32)
+    back = load_lora(save_lora(tmp_path / "a.safetensors", lora))
+    del back.tokens["<s1>"]
+    back.tokens["<s3>"] = torch.randn(32)
+    _, meta = read_safetensors(save_lora(tmp_path / "b.safetensors", back))
+    assert json.loads(meta["tokens"]) == ["<s2>", "<s3>"]
+    assert json.loads(meta["ranks"])["unet"].keys() == lora.ranks()["unet"].keys()

@@ -215,3 +215,16 @@ def test_non_finite_scale_is_refused(tiny_model, lora_path, bad):
     patch_pipeline(pipe, lora_path)
     with pytest.raises(ValueError, match="finite"):
         set_scales(pipe, text_encoder=bad)
+
+
+def test_a_bad_file_leaves_the_pipeline_unchanged(tiny_model):
+    lora = _trained_lora(tiny_model, 4)  # valid UNet and tokens ...
+    lora.text_encoder["text_model.encoder.layers.9.self_attn.q_proj"] = next(iter(lora.text_encoder.values()))
+    pipe = load_pipeline(tiny_model)  # ... and one text-encoder module this model lacks
+    n_tokens = len(pipe.tokenizer)
+    with pytest.raises(ValueError, match="text_encoder has no module"):
+        patch_pipeline(pipe, lora, "a")
+    assert adapter_names(pipe) == [] and len(pipe.tokenizer) == n_tokens
+    del lora.text_encoder["text_model.encoder.layers.9.self_attn.q_proj"]
+    patch_pipeline(pipe, lora, "a")  # the corrected file loads under the same name
+    assert adapter_names(pipe) == ["a"]

@@ -194,3 +194,22 @@ def test_bad_inputs(loras):
         merge_loras([a, b], [1.0])
     with pytest.raises(ValueError, match="needs rank="):
         merge_loras([a, b], mode="svd")
+
+
+def test_upl_refuses_to_overwrite_the_base_model(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    lora = tmp_path / "l.safetensors"
+    from lora_ops import LoraFile, save_lora
+
+    save_lora(lora, LoraFile())
+    cmd = [sys.executable, "-m", "lora_ops", "add", "upl", str(lora), "--base", str(tiny_model), "--out"]
+    same = subprocess.run(cmd + [str(tiny_model)], capture_output=True, text=True)
+    assert same.returncode == 2 and "base model's folder" in same.stderr
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("user data")
+    other = subprocess.run(cmd + [str(busy)], capture_output=True, text=True)
+    assert other.returncode == 2 and "not an empty folder" in other.stderr
+    assert (busy / "keep.txt").read_text() == "user data"

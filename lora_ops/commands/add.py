@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 MODES = ("upl", "upl-ckpt", "lpl", "ljl")
 
 
@@ -19,8 +24,22 @@ def run(args) -> int:
         pipe = load_pipeline(args.base)
         te_scale = args.alpha if args.text_encoder_alpha is None else args.text_encoder_alpha
         if args.mode == "upl":
+            out = Path(args.out)
+            if out.resolve() == Path(args.base).resolve():
+                raise ValueError(f"--out {args.out} is the base model's folder; write the merged model elsewhere")
+            if out.exists() and (not out.is_dir() or any(out.iterdir())):
+                raise ValueError(f"--out {args.out} exists and is not an empty folder; choose a new folder")
             n = add_to_pipeline(pipe, loras[0], unet_scale=args.alpha, text_encoder_scale=te_scale)
-            pipe.save_pretrained(args.out, safe_serialization=True)
+            # write beside the target, then rename: a crash never leaves a folder that looks like a model
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            try:
+                pipe.save_pretrained(tmp, safe_serialization=True)
+                if out.exists():
+                    out.rmdir()
+                os.replace(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             print(f"merged {n} modules and {len(loras[0].tokens)} tokens at alpha {args.alpha}: {args.out}")
         else:
             from ..single_file import save_merged_single_file
