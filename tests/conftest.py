@@ -25,3 +25,17 @@ def tiny_inpaint_model(tmp_path_factory):
     from lora_ops.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-inpaint", arch="tiny", inpainting=True)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tiny models on one torch thread (faster than two for models this small); restored after.
+
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,13 +21,7 @@ from lora_ops.tiny_vision import make_tiny_clip, make_tiny_dino
 PROMPTS = ["a photo of {token}", "{token} on the beach"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are launch-bound: one torch thread beats several on a shared CPU (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

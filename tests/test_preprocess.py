@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from lora_ops.captioning import edit_caption
@@ -17,14 +16,7 @@ from lora_ops.masks import FaceMasker, center_of_mass, square_box
 from lora_ops.preprocess import PreprocessConfig, load_image, preprocess_dataset, sha256_file
 from lora_ops.tiny_vision import make_tiny_captioner, make_tiny_segmenter, make_tiny_upscaler
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are launch-bound: one torch thread beats several on a shared CPU (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,7 @@ from lora_ops.lora_file import load_lora
 from lora_ops.train_config import DreamBoothConfig
 from lora_ops.train_loop import Source, build_batch, load_trainee
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a shared machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_images(folder, n=2, size=32):

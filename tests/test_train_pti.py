@@ -30,14 +30,7 @@ from lora_ops.train import (
 from lora_ops.train_config import PTIConfig
 from lora_ops.train_loop import Source, current_lora, load_trainee, measure_loss, run_phase
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a shared machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_images(folder, n=3, size=40, masks=False):

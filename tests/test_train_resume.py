@@ -14,14 +14,7 @@ from lora_ops.train import train_pti
 from lora_ops.train_checkpoint import list_checkpoints, load_checkpoint, resolve_resume
 from lora_ops.train_config import PTIConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a shared machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_images(folder, n=3, size=40):
