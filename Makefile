@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= train,preprocess,pipeline,airflow,deploy,dev
 OUT ?= out
 
-.PHONY: install test lint format demo demo-library bench up down airflow images clean
+.PHONY: install test test-fast lint format demo demo-library bench bench-quality shapes-pretrain up down airflow images clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ format: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
+# the quick subset for development: no end-to-end Airflow runs (CI runs everything: make test)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
+
 # the whole pipeline through Airflow on the local stack (tiny model, sample dataset, no downloads)
 demo: $(STAMP)
 	$(PY) scripts/demo_pipeline.py --out $(OUT)/demo-pipeline
@@ -41,6 +45,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_speed.py --arch tiny
 	$(PY) benchmarks/resize_speed.py
 	$(PY) benchmarks/lora_sizes.py
+
+# what each recipe teaches the shapes world (docs/quality.md); about an hour on 2 CPU cores
+bench-quality: $(STAMP)
+	$(PY) benchmarks/quality.py --out $(OUT)/bench-quality
+
+# rebuild the shipped shapes-world models (seeded; see docs/quality.md for its wall time)
+shapes-pretrain: $(STAMP)
+	$(VENV)/bin/lora-ops shapes pretrain --out lora_ops/shapes/pretrained --overwrite
 
 up: $(STAMP)
 	$(PY) scripts/stack.py up

@@ -107,6 +107,15 @@ PARAMS = {
         description="One distilled LoRA per rank; the best one is registered",
         section="Training",
     ),
+    "batch_size": Param(
+        1,
+        type="integer",
+        minimum=1,
+        maximum=256,
+        title="Batch size",
+        description="Images per optimizer step",
+        section="Training",
+    ),
     "tune_rank": Param(4, type="integer", minimum=1, maximum=256, title="Rank while tuning", section="Training"),
     "invert_steps": Param(1000, type="integer", minimum=1, maximum=100000, title="Inversion steps", section="Training"),
     "invert_lr": Param(5e-4, type="number", exclusiveMinimum=0, maximum=1, title="Inversion LR", section="Training"),
@@ -119,7 +128,7 @@ PARAMS = {
     "seed": Param(0, type="integer", minimum=0, maximum=2**31 - 1, title="Seed", section="Training"),
     "promotion_metric": Param(
         "clip_i",
-        enum=["clip_i", "clip_t"],
+        enum=["clip_i", "clip_t", "classifier"],
         title="Promotion metric",
         description="The new version becomes champion only if this metric beats the champion's",
         section="Evaluation",
@@ -133,6 +142,21 @@ PARAMS = {
     ),
     "dino_model": Param(
         "", type="string", title="DINO model for evaluation", description="Empty: no DINO score", section="Evaluation"
+    ),
+    "classifier_model": Param(
+        None,
+        type=["null", "string"],
+        title="Classifier for evaluation",
+        description="A shapes-world evaluator folder (`lora-ops shapes path evaluator`); empty: no accuracy metric",
+        section="Evaluation",
+    ),
+    "classifier_target": Param(
+        None,
+        type=["null", "string"],
+        pattern="^(shape|colour|style)=[a-z]+$",
+        title="Classifier target",
+        description='What the LoRA should make the classifier see, e.g. "shape=ring"',
+        section="Evaluation",
     ),
     "class_word": Param(
         "", type="string", title="Class word", description='The subject\'s class, e.g. "dog"', section="Evaluation"
@@ -193,6 +217,7 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
     device = ["--device", params["executor_profile"]]
     model = ["--base-model", params["base_model"]]
     shape = ["--resolution", str(params["resolution"]), "--seed", str(params["seed"])]
+    shape += ["--batch-size", str(params.get("batch_size", 1))]
 
     preprocess = [*common, *device, "--dataset", params["dataset_uri"], "--out", out["preprocess"]]
     preprocess += ["--resolution", str(params["resolution"])]
@@ -224,6 +249,9 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
     evaluate += ["--sweep-steps", str(params["eval_sweep_steps"]), "--select-metric", params["promotion_metric"]]
     for flag in ("clip_model", "dino_model", "class_word"):
         if params[flag]:
+            evaluate += [f"--{flag.replace('_', '-')}", params[flag]]
+    for flag in ("classifier_model", "classifier_target"):
+        if params.get(flag):
             evaluate += [f"--{flag.replace('_', '-')}", params[flag]]
     if params["eval_prompts"]:
         evaluate += ["--prompts", *params["eval_prompts"]]

@@ -2,7 +2,10 @@
 
 The base pipeline is loaded once; the base model (no adapter) is run first as the reference, then each
 LoRA is patched in as one adapter, run at every (UNet, text-encoder) scale and an alpha sweep, and
-removed again. Metrics are in `lora_ops.metrics` (CLIP-T, CLIP-I, DINO).
+removed again. Metrics are in `lora_ops.metrics` (CLIP-T, CLIP-I, DINO). An optional classifier (the
+shapes world's evaluator, `lora_ops.shapes.evaluator`) adds "classifier", the share of images it calls
+`classifier_target` (e.g. "shape=ring": subject fidelity), and "classifier_prompt", the share whose other
+prompted labels (e.g. the colour named in the prompt) it finds right.
 
 Prompts are templates: "{token}" becomes the learned tokens (e.g. "<s1><s2>") for a LoRA and
 `class_word` (e.g. "dog") for the base model and for the text CLIP-T compares against, since CLIP does not
@@ -30,8 +33,9 @@ from .models import load_pipeline
 from .preprocess import IMAGE_SUFFIXES, _prepare_output, _publish, load_image
 from .runtime import patch_pipeline, remove_lora, set_scales
 
-Metric = Literal["clip_i", "clip_t", "dino"]
-METRICS: tuple[str, ...] = ("clip_t", "clip_i", "dino")
+Metric = Literal["clip_i", "clip_t", "dino", "classifier"]
+METRICS: tuple[str, ...] = ("clip_t", "clip_i", "dino", "classifier", "classifier_prompt")
+SELECT_METRICS: tuple[str, ...] = ("clip_i", "clip_t", "dino", "classifier")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_PROMPTS = (
     "a photo of {token}",
@@ -56,6 +60,9 @@ class EvaluateConfig:
         names: display names of the LoRAs (default: file stems, made unique).
         instance_dir: the subject's images (e.g. the preprocessed dataset) for CLIP-I and DINO.
         clip_model / dino_model: scorers (hub id or folder); DINO is skipped when None.
+        classifier_model: a shapes-world evaluator folder (`lora-ops shapes path evaluator`); None: off.
+        classifier_target: "head=label" the LoRAs should make the classifier see, e.g. "shape=ring" or
+            "style=striped"; None: only "classifier_prompt" is measured.
         scales: UNet scales, each a number (text encoder at the same scale) or a (unet, text_encoder) pair.
         seeds: one image per prompt and seed.
         num_inference_steps / guidance_scale / negative_prompt / height / width: generation settings.
@@ -76,6 +83,8 @@ class EvaluateConfig:
     instance_dir: str | Path | None = None
     clip_model: str = "openai/clip-vit-large-patch14"
     dino_model: str | None = None
+    classifier_model: str | Path | None = None
+    classifier_target: str | None = None
     scales: Sequence[float | tuple[float, float]] = (1.0,)
     seeds: Sequence[int] = (0, 1)
     num_inference_steps: int = 30
@@ -122,8 +131,21 @@ class EvaluateConfig:
             self.instance_dir = Path(self.instance_dir)
             if not self.instance_dir.is_dir():
                 raise FileNotFoundError(f"instance_dir={str(self.instance_dir)!r} is not a folder")
-        if self.select_metric not in METRICS:
-            raise ValueError(f"select_metric={self.select_metric!r} is not one of {METRICS}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric={self.select_metric!r} is not one of {SELECT_METRICS}")
+        if self.classifier_target is not None:
+            head, _, label = str(self.classifier_target).partition("=")
+            if head not in ("shape", "colour", "style") or not label:
+                raise ValueError(
+                    f"classifier_target={self.classifier_target!r} must look like 'shape=ring' (heads: shape, "
+                    "colour, style)"
+                )
+            if self.classifier_model is None:
+                raise ValueError("classifier_target needs classifier_model")
+        if self.select_metric == "classifier" and self.classifier_target is None:
+            raise ValueError("select_metric='classifier' needs classifier_model and classifier_target")
+        if self.classifier_model is not None and not Path(self.classifier_model).is_dir():
+            raise FileNotFoundError(f"classifier_model={str(self.classifier_model)!r} is not a folder")
         if self.select_metric in ("clip_i", "dino") and self.instance_dir is None:
             raise ValueError(f"select_metric={self.select_metric!r} needs instance_dir (the subject's images)")
         if self.select_metric == "dino" and not self.dino_model:
@@ -200,6 +222,19 @@ class _Scores:
     def __init__(self, cfg: EvaluateConfig, dtype: torch.dtype):
         self.clip = ClipScorer(cfg.clip_model, cfg.device, dtype)
         self.dino = DinoScorer(cfg.dino_model, cfg.device, dtype) if cfg.dino_model else None
+        self.classifier = self.target = None
+        if cfg.classifier_model is not None:
+            from .shapes.evaluator import ShapesEvaluator
+
+            self.classifier = ShapesEvaluator.from_pretrained(cfg.classifier_model, cfg.device)
+            if cfg.classifier_target is not None:
+                head, _, label = cfg.classifier_target.partition("=")
+                if label not in self.classifier.labels(head):
+                    raise ValueError(
+                        f"classifier_target={cfg.classifier_target!r}: {label!r} is not a {head} of the classifier "
+                        f"({self.classifier.labels(head)})"
+                    )
+                self.target = (head, label)
         self.instance_clip = self.instance_dino = None
         if cfg.instance_dir is not None:
             files = sorted(
@@ -221,7 +256,24 @@ class _Scores:
             out["clip_i"] = mean_similarity(embeds, self.instance_clip).tolist()
         if self.instance_dino is not None:
             out["dino"] = mean_similarity(self.dino.image_embeds(images), self.instance_dino).tolist()
+        if self.classifier is not None:
+            preds = self.classifier.classify(images)
+            if self.target is not None:
+                head, label = self.target
+                out["classifier"] = [float(p[head] == label) for p in preds]
+            out["classifier_prompt"] = [self._prompt_right(p, t) for p, t in zip(preds, texts, strict=True)]
         return out
+
+    def _prompt_right(self, pred: dict[str, str], text: str) -> float:
+        """1.0 when every label the text names (other than the target's head) is what the classifier sees."""
+        words = set(re.findall(r"[a-z]+", text.lower()))
+        for head in ("shape", "colour", "style"):
+            if self.target is not None and head == self.target[0]:
+                continue
+            named = [label for label in self.classifier.labels(head) if label in words]
+            if named and pred[head] not in named:
+                return 0.0
+        return 1.0
 
 
 def _summarize(prompts: Sequence[str], seeds: Sequence[int], values: dict[str, list[float]]) -> dict:
@@ -373,7 +425,13 @@ def evaluate_loras(config: EvaluateConfig) -> EvaluationResult:
         ]
         best = select_best(candidates, cfg.select_metric, cfg.tolerance)
         metrics["best"] = best
-        metrics["models"] = {"base": str(cfg.model), "clip": scores.clip.name, "dino": cfg.dino_model}
+        metrics["models"] = {
+            "base": str(cfg.model),
+            "clip": scores.clip.name,
+            "dino": cfg.dino_model,
+            "classifier": str(cfg.classifier_model) if cfg.classifier_model else None,
+            "classifier_target": cfg.classifier_target,
+        }
         metrics["generation"] = {
             "num_inference_steps": cfg.num_inference_steps,
             "guidance_scale": cfg.guidance_scale,

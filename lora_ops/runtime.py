@@ -47,7 +47,8 @@ def patch_pipeline(
     """Load a LoRA (UNet, text encoder, learned tokens) into `pipe` as adapter `adapter_name`.
 
     Every adapter loaded stays active; set each one's scales with `set_scales`. Everything is checked
-    before anything is changed.
+    before anything is changed. A file with learned tokens only (textual inversion) adds the tokens and
+    no adapter.
     """
     if isinstance(lora, (str, Path)):
         lora = load_lora(lora)
@@ -66,6 +67,8 @@ def patch_pipeline(
         if modules:
             ref = next(model.parameters())
             model.to(ref.device)
+    if not any(lora.component(c) for c in _models(pipe)):
+        return adapter_name  # a tokens-only file (textual inversion): nothing to scale
     active = adapter_names(pipe)
     for model in _models(pipe).values():
         for layer in lora_layers(model).values():

@@ -237,7 +237,9 @@ class PTIConfig(TrainConfig):
         learning_rate_ti, weight_decay_ti: phase 1 AdamW settings of the token rows.
         clip_ti_decay: after each phase-1 step pull the token norms toward `ti_target_norm`, with
             strength min(1, 100 · lr), as the original `clip_ti_decay`.
-        ti_target_norm: target norm of the token rows (0.4 suits SD's CLIP vocabulary).
+        ti_target_norm: target norm of the token rows; None (default): the mean norm of the base
+            vocabulary's rows, measured from the text encoder (the original's fixed 0.4 was chosen for SD's
+            CLIP vocabulary; a text encoder with other embedding norms needs its own).
         continue_inversion: keep training the tokens in phase 2, at `continue_inversion_lr`
             (None = learning_rate_ti).
         lr_scheduler_lora, lr_warmup_steps_lora: schedule of phase 2.
@@ -255,7 +257,7 @@ class PTIConfig(TrainConfig):
     learning_rate_ti: float = 5e-4
     weight_decay_ti: float = 0.0
     clip_ti_decay: bool = True
-    ti_target_norm: float = 0.4
+    ti_target_norm: float | None = None
     continue_inversion: bool = False
     continue_inversion_lr: float | None = None
     lr_scheduler_lora: Scheduler = "linear"
@@ -279,8 +281,9 @@ class PTIConfig(TrainConfig):
             raise ValueError(f"templates={self.templates!r}: give a non-empty list, each with one '{{}}'")
         _check_int("max_train_steps_ti", self.max_train_steps_ti, 0)
         _check_int("max_train_steps_tuning", self.max_train_steps_tuning, 0)
-        for name in ("learning_rate_ti", "weight_decay_ti", "ti_target_norm"):
+        for name in ("learning_rate_ti", "weight_decay_ti"):
             _check_float(name, getattr(self, name), 0.0)
+        _check_float("ti_target_norm", self.ti_target_norm, 0.0, allow_none=True)
         _check_float("continue_inversion_lr", self.continue_inversion_lr, 0.0, allow_none=True)
         _check_choice("lr_scheduler_lora", self.lr_scheduler_lora, SCHEDULERS)
         _check_int("lr_warmup_steps_lora", self.lr_warmup_steps_lora, 0)

@@ -469,6 +469,13 @@ def _resumable_config(config: TrainConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE}
 
 
+def vocabulary_norm(weight: torch.Tensor, exclude: torch.Tensor) -> float:
+    """Mean L2 norm of the embedding rows (vocab, dim) other than `exclude` (the new tokens)."""
+    keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    keep[exclude] = False
+    return float(weight.detach()[keep].float().norm(dim=-1).mean())
+
+
 def run_phase(
     trainee: Trainee,
     phase: Phase,
@@ -493,6 +500,11 @@ def run_phase(
     noise_gen = torch.Generator().manual_seed(phase_seed + 2)
     for k, source in enumerate(sources):
         source.sampler = BatchSampler(len(source.dataset), batch_size, phase_seed + 10 + k)
+
+    # ---- the token norm prior's target: given, or the mean norm of the base vocabulary's rows
+    ti_target = config.ti_target_norm if hasattr(config, "ti_target_norm") else None
+    if phase.ti_decay and phase.token_embedding is not None and ti_target is None:
+        ti_target = vocabulary_norm(phase.token_embedding.base.weight, phase.token_embedding.ids)
 
     # ---- optimizer, schedule, gradient scaler
     from diffusers.optimization import get_scheduler
@@ -657,7 +669,7 @@ def run_phase(
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if phase.ti_decay and phase.token_embedding is not None:
-            clip_ti_decay_(phase.token_embedding.rows, lr, trainee.config.ti_target_norm)
+            clip_ti_decay_(phase.token_embedding.rows, lr, ti_target)
 
         # ---- report
         losses.append(loss_value)

@@ -1,15 +1,16 @@
-"""The whole pipeline on one machine: the local stack, Airflow, the tiny model and a sample dataset.
+"""The whole pipeline on one machine: the local stack, Airflow, the shapes world and a new subject.
 
     python scripts/demo_pipeline.py [--out out/demo-pipeline]
 
 1. starts SeaweedFS and MLflow (`scripts/stack.py up`; reused when already running),
-2. builds the tiny Stable Diffusion model and tiny CLIP/DINO scorers (random weights, no downloads) and a
-   sample dataset of drawn images, and uploads model and dataset to S3,
+2. takes the shapes world's pretrained Stable Diffusion and its scorers (CLIP, DINO slot, evaluator;
+   shipped with the project, no downloads) and the new subject's instance images (six rings, red and
+   blue, captioned "a red ring"), and uploads model and dataset to S3,
 3. runs the `lora_finetune` DAG through Airflow (`airflow dags test`, the local executor: every step is a
-   subprocess running the same command line a Kubernetes pod would),
-4. prints the registered model version, its alias, the MLflow UI URL and the evaluation grid.
-
-Nothing is downloaded; about 3-5 minutes on 2 CPU cores.
+   subprocess running the same command line a Kubernetes pod would): pivotal tuning learns the ring as
+   "a <s1> circle", distill compresses it, evaluate draws it in every colour,
+4. prints the metrics of the base model and of each candidate, the registered version and its alias, and
+   the evaluation grid and alpha sweep (the ring appearing from LoRA scale 0 to 1).
 """
 
 from __future__ import annotations
@@ -26,33 +27,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-SUBJECT = "red-toy"
-RESOLUTION = 32  # the tiny model's native size
+SUBJECT = "ring"
+RESOLUTION = 32  # the shapes world's native size
+COLOURS = ("red", "blue", "green", "yellow", "purple")  # red and blue are the instances' colours
 
 
-def make_sample_dataset(directory: Path, n: int = 6, size: int = 64, seed: int = 0) -> Path:
-    """`n` drawn photos of one subject (a red toy with yellow eyes) on varied backgrounds, with captions."""
-    import random
+def _recipe():
+    """The quality benchmark's pivotal-tuning settings (lora_ops.shapes.recipes.RecipeConfig)."""
+    from lora_ops.shapes.recipes import RecipeConfig
 
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        bg = tuple(rng.randint(40, 220) for _ in range(3))
-        img = Image.new("RGB", (size, size), bg)
-        d = ImageDraw.Draw(img)
-        for _ in range(4):  # background clutter
-            x, y = rng.randint(0, size), rng.randint(0, size)
-            d.rectangle([x, y, x + size // 5, y + size // 7], fill=tuple(rng.randint(0, 255) for _ in range(3)))
-        r = size // 4 + rng.randint(-2, 2)
-        cx, cy = size // 2 + rng.randint(-size // 8, size // 8), size // 2 + rng.randint(-size // 8, size // 8)
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(200, 30, 30), outline=(90, 0, 0))
-        for ex in (cx - r // 3, cx + r // 3):
-            d.ellipse([ex - 2, cy - r // 3 - 2, ex + 2, cy - r // 3 + 2], fill=(250, 220, 0))
-        img.save(directory / f"toy_{i:02d}.png")
-        (directory / f"toy_{i:02d}.txt").write_text("a photo of a red toy")
-    return directory
+    return RecipeConfig()
 
 
 def upload_folder(local: Path, uri: str) -> int:
@@ -69,49 +53,58 @@ def upload_folder(local: Path, uri: str) -> int:
 
 
 def prepare_inputs(work: Path, bucket: str) -> dict[str, str]:
-    """Tiny model and scorers, the sample dataset; model and dataset uploaded. Returns their URIs/paths."""
-    from lora_ops import make_tiny_model
-    from lora_ops.tiny_vision import make_tiny_clip, make_tiny_dino
+    """The shapes world's model and scorers, the new subject's dataset; model and dataset uploaded."""
+    from lora_ops.shapes import pretrained
+    from lora_ops.shapes.world import write_concept_dataset
 
-    model = make_tiny_model(work / "tiny-sd", arch="tiny")
-    clip = make_tiny_clip(work / "tiny-clip")
-    dino = make_tiny_dino(work / "tiny-dino")
-    dataset = make_sample_dataset(work / "dataset" / SUBJECT)
-    model_uri = f"s3://{bucket}/models/tiny-sd/"
+    dataset = write_concept_dataset(SUBJECT, work / "dataset" / SUBJECT)
+    model_uri = f"s3://{bucket}/models/shapes-sd/"
     dataset_uri = f"s3://{bucket}/datasets/{SUBJECT}/"
-    n_model = upload_folder(model, model_uri)
+    n_model = upload_folder(pretrained("sd"), model_uri)
     n_data = upload_folder(dataset, dataset_uri)
     print(f"    uploaded {n_model} model files to {model_uri} and {n_data} dataset files to {dataset_uri}")
-    return {"base_model": model_uri, "dataset_uri": dataset_uri, "clip_model": str(clip), "dino_model": str(dino)}
+    return {
+        "base_model": model_uri,
+        "dataset_uri": dataset_uri,
+        "clip_model": str(pretrained("clip")),
+        "dino_model": str(pretrained("dino")),
+        "classifier_model": str(pretrained("evaluator")),
+    }
 
 
 def demo_conf(inputs: dict[str, str], model_name: str, **overrides) -> dict:
-    """A `lora_finetune` conf sized for the tiny model on a CPU."""
+    """A `lora_finetune` conf for the new subject on the shapes world: the benchmark's "pti" recipe."""
+    recipe = _recipe()
     conf = {
         "dataset_uri": inputs["dataset_uri"],
         "model_name": model_name,
         "base_model": inputs["base_model"],
-        "placeholder_tokens": "<s1>|<s2>",
-        "template": "object",
+        "placeholder_tokens": "<s1>",
+        "initializer_tokens": "circle",
+        "template": "none",
         "caption_model": "none",
         "mask": "none",
         "crop": "center",
-        "token_substitution": "a red toy|<s1><s2>",
+        "token_substitution": "ring|<s1> circle",
         "clip_model": inputs["clip_model"],
         "dino_model": inputs["dino_model"],
-        "class_word": "toy",
-        "eval_inference_steps": 4,
-        "eval_sweep_steps": 0,
-        "ranks": [1],
-        "tune_rank": 2,
-        "invert_steps": 6,
-        "invert_lr": 5e-3,
-        "tune_steps": 6,
-        "tune_lr_unet": 1e-3,
-        "tune_lr_text": 1e-4,
+        "classifier_model": inputs["classifier_model"],
+        "classifier_target": "shape=ring",
+        "class_word": "",
+        "eval_prompts": [f"a {c} {{token}} circle" for c in COLOURS],
+        "eval_inference_steps": 20,
+        "eval_sweep_steps": 5,
+        "ranks": [recipe.rank],
+        "tune_rank": recipe.rank,
+        "batch_size": recipe.batch_size,
+        "invert_steps": recipe.steps // 2,
+        "invert_lr": recipe.learning_rate_ti,
+        "tune_steps": recipe.steps - recipe.steps // 2,
+        "tune_lr_unet": recipe.learning_rate_unet,
+        "tune_lr_text": 0.0,
         "resolution": RESOLUTION,
         "seed": 0,
-        "promotion_metric": "clip_i",
+        "promotion_metric": "classifier",
         "executor_profile": "cpu",
     }
     conf.update(overrides)
@@ -189,15 +182,15 @@ def registered_version(model_name: str, run_id: str, tracking_uri: str):
     return client.get_model_version(model_name, mv.version), champion
 
 
-def fetch_grids(run_uri: str, dest: Path) -> list[Path]:
-    """Download the evaluation grids (`<run>/evaluate/grids/*.png`) into `dest`."""
+def fetch_evaluation(run_uri: str, dest: Path) -> list[Path]:
+    """Download the evaluation's pictures and tables (`<run>/evaluate/`: PNG, GIF, metrics) into `dest`."""
     from steps.artifacts import Store, parse_uri
 
     loc = parse_uri(f"{run_uri}evaluate/", "evaluation").as_prefix()
     store = Store.for_uri(loc)
     out = []
     for rel, _ in store.list(loc):
-        if rel.endswith(".png"):
+        if rel.endswith((".png", ".gif", ".md")) or rel == "metrics.json":
             store.get_file(loc.join(rel), dest / rel)
             out.append(dest / rel)
     return out
@@ -220,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     os.environ.update(stack_env)  # this process uploads and reads results too
 
-    print(f"2/4 tiny model, scorers and sample dataset (no downloads) [{time.monotonic() - t0:.0f}s]", flush=True)
+    print(f"2/4 shapes-world model, scorers and the new subject's images [{time.monotonic() - t0:.0f}s]", flush=True)
     inputs = prepare_inputs(out / "inputs", stack_env["LORA_PIPELINE_BUCKET"])
 
     print(f"3/4 lora_finetune through Airflow, local executor [{time.monotonic() - t0:.0f}s]", flush=True)
@@ -233,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     alias = "champion" if champion.version == mv.version else ", ".join(mv.aliases) or "challenger"
     lora_uri = mv.tags.get("lora_uri", "")
     run_uri = lora_uri[: lora_uri.index("/distill/") + 1] if "/distill/" in lora_uri else ""
-    grids = fetch_grids(run_uri, out / "evaluation") if run_uri else []
+    files = fetch_evaluation(run_uri, out / "evaluation") if run_uri else []
+    grids = [f for f in files if f.suffix == ".png"]
+    table = out / "evaluation" / "comparison.md"
+    if table.is_file():
+        print("\n" + table.read_text().strip())
     ui = stack_env["MLFLOW_TRACKING_URI"]
     print(f"\nregistered model:  {args.model_name} version {mv.version} (alias: {alias})")
     print(f"lineage:           dataset {mv.tags.get('dataset_sha256', '?')[:12]}, rank {mv.tags.get('rank')}, "
@@ -244,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow UI:         {ui}/#/models/{args.model_name}/versions/{mv.version}")
     grids.sort(key=lambda g: (g.name != "comparison.png", len(g.parts), str(g)))
     print(f"evaluation grid:   {grids[0] if grids else '(none found under ' + run_uri + 'evaluate/)'}")
+    sweep = out / "evaluation" / "sweep.png"
+    if sweep.is_file():
+        print(f"alpha sweep:       {sweep} (LoRA scale 0 -> 1; GIFs beside it)")
     print(f"serving lookup:    lora-registry get {args.model_name}@champion --out DIR")
     print(f"airflow log:       {out / 'airflow-dags-test.log'}   total {time.monotonic() - t0:.0f}s")
     print("the stack keeps running: `make down` stops it, `make airflow` opens the Airflow UI")

@@ -3,7 +3,7 @@
     python -m steps.evaluate --run-id RUN_ID --dataset URI --base-model REF --lora URI [--lora URI ...] --out URI
         [--prompts P ...] [--scales S ...] [--seed N ...] [--clip-model ID] [--dino-model ID]
         [--class-word WORD] [--num-inference-steps N] [--resolution N] [--select-metric clip_i|clip_t|dino]
-        [--sweep-steps N]
+        [--sweep-steps N] [--classifier-model DIR [--classifier-target shape=ring]]
 
 Each `--lora` is the output prefix of tune or distill. Writes `metrics.json`, `comparison.png`,
 `comparison.md`, grids and GIFs; the result names the best candidate by its prefix.
@@ -39,7 +39,10 @@ def build_parser():
     p.add_argument("--class-word", default="", help='the subject\'s class, e.g. "dog"')
     p.add_argument("--num-inference-steps", type=int, default=30)
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
-    p.add_argument("--select-metric", default="clip_i", choices=["clip_i", "clip_t", "dino"])
+    p.add_argument("--classifier-model", default=None,
+                   help="shapes-world evaluator folder (optional accuracy metrics)")  # fmt: skip
+    p.add_argument("--classifier-target", default=None, help='what the LoRAs should show, e.g. "shape=ring"')
+    p.add_argument("--select-metric", default="clip_i", choices=["clip_i", "clip_t", "dino", "classifier"])
     p.add_argument("--sweep-steps", type=int, default=5, help="frames of the alpha sweep GIF (0: off)")
     return p
 
@@ -69,6 +72,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": args.seed,
         "clip_model": args.clip_model,
         "dino_model": args.dino_model,
+        "classifier_model": args.classifier_model,
+        "classifier_target": args.classifier_target,
         "class_word": args.class_word,
         "num_inference_steps": args.num_inference_steps,
         "resolution": args.resolution,
@@ -112,6 +117,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     instance_dir=instance,
                     clip_model=args.clip_model,
                     dino_model=args.dino_model,
+                    classifier_model=args.classifier_model,
+                    classifier_target=args.classifier_target,
                     scales=args.scales,
                     seeds=args.seed,
                     num_inference_steps=args.num_inference_steps,

@@ -34,6 +34,7 @@ def build_parser():
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the token rows (default 5e-4)")
     p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1, help="images per optimizer step (default 1)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--use-masks", action="store_true", help="weight the loss by the dataset's masks")
     p.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (local)")
@@ -52,6 +53,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": args.steps,
         "lr": args.lr,
         "resolution": args.resolution,
+        "batch_size": args.batch_size,
         "seed": args.seed,
         "use_masks": args.use_masks,
     }
@@ -74,6 +76,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             max_train_steps_ti=args.steps,
             learning_rate_ti=args.lr,
             resolution=args.resolution,
+            train_batch_size=args.batch_size,
             seed=args.seed,
             use_masks=args.use_masks,
             save_steps=args.save_steps,

@@ -41,6 +41,7 @@ def build_parser():
     p.add_argument("--lr-text", type=float, default=1e-5)
     p.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too")
     p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1, help="images per optimizer step (default 1)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--save-steps", type=int, default=100, help="upload a checkpoint every N steps (default 100)")
     p.add_argument("--use-masks", action="store_true", help="weight the loss by the dataset's masks")
@@ -96,6 +97,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "lr_text": args.lr_text,
         "train_text_encoder": args.train_text_encoder,
         "resolution": args.resolution,
+        "batch_size": args.batch_size,
         "seed": args.seed,
         "use_masks": args.use_masks,
     }
@@ -140,6 +142,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             learning_rate_text=args.lr_text,
             train_text_encoder=args.train_text_encoder,
             resolution=args.resolution,
+            train_batch_size=args.batch_size,
             seed=args.seed,
             use_masks=args.use_masks,
             save_steps=args.save_steps,

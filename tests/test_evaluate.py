@@ -208,3 +208,17 @@ def test_prompt_templates():
     )
     # literal learned tokens in a template are scored (and given to the base model) as the class word
     assert _fill("<s1> in the snow", "<s1>", ["<s1>"], "cat") == ("<s1> in the snow", "cat in the snow")
+
+
+def test_classifier_options_are_checked(tmp_path):
+    lora = tmp_path / "x.safetensors"
+    lora.write_bytes(b"")
+    base = dict(model="org/name", loras=[lora], output_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="classifier_target='ring' must look like 'shape=ring'"):
+        EvaluateConfig(**base, classifier_model=tmp_path, classifier_target="ring")
+    with pytest.raises(ValueError, match="classifier_target needs classifier_model"):
+        EvaluateConfig(**base, classifier_target="shape=ring")
+    with pytest.raises(ValueError, match="select_metric='classifier' needs"):
+        EvaluateConfig(**base, select_metric="classifier")
+    with pytest.raises(FileNotFoundError, match="classifier_model="):
+        EvaluateConfig(**base, classifier_model=tmp_path / "missing")

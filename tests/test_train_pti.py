@@ -366,3 +366,26 @@ def test_mixed_precision_on_cuda(tiny_model, tmp_path, precision):
     lora = load_lora(result.path)
     assert lora.unet and lora.text_encoder and list(lora.tokens) == ["<s1>", "<s2>"]
     assert all(np.isfinite(v) for v in result.metrics.values())
+
+
+def test_token_norm_prior_targets_the_vocabulary_norm_by_default(tiny_model, tmp_path):
+    """clip_ti_decay with ti_target_norm=None pulls the new rows to the base vocabulary's mean norm."""
+    from lora_ops.train_loop import vocabulary_norm
+
+    weight = torch.tensor([[3.0, 4.0], [0.0, 1.0], [100.0, 0.0]])
+    assert vocabulary_norm(weight, torch.tensor([2])) == pytest.approx(3.0)  # (5 + 1) / 2, row 2 excluded
+
+    data = make_images(tmp_path / "data")
+    # lr 1e-2: strength min(1, 100 lr) = 1, so after every step the rows have exactly the target norm
+    config = pti_config(tiny_model, data, tmp_path / "out", max_train_steps_ti=2, learning_rate_ti=1e-2)
+    assert config.ti_target_norm is None and config.clip_ti_decay
+    trainee = load_trainee(config)
+    ids = _init_tokens(trainee, ["<s1>", "<s2>"], None, 0)
+    table = trainee.text_encoder.get_input_embeddings().weight
+    expected = vocabulary_norm(table, torch.tensor(ids))
+    phase, wrapper = inversion_phase(trainee, ids)
+    dataset = ImageDataset(DatasetConfig(data, 32, ["<s1>", "<s2>"], template="object"))
+    run_phase(trainee, phase, [Source(dataset)], lambda: current_lora(trainee, ["<s1>", "<s2>"], wrapper, {}))
+    norms = wrapper.rows.detach().norm(dim=-1)
+    assert torch.allclose(norms, torch.full_like(norms, expected), rtol=1e-4)
+    assert abs(expected - 0.4) > 0.05  # the tiny model's vocabulary is not SD's: a fixed 0.4 would be wrong here

@@ -1,0 +1,102 @@
+"""Fine-tuning must teach the shapes world's base model a held-out concept: the safety net for learning.
+
+One fast configuration of the quality benchmark (docs/quality.md): pivotal tuning on the new subject
+(a ring learned as "a <s1> circle" from six images in red and blue), one seed. Subject fidelity and
+retention must clear thresholds set from the benchmark with margin, and the same measurement must fail
+for a run that cannot learn (learning rates 0) and for the trained LoRA switched off (scale 0).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_ops.shapes import pretrained
+from lora_ops.shapes.recipes import RecipeConfig, train_recipe
+from lora_ops.shapes.world import get_concept, write_concept_dataset
+
+# benchmark (benchmarks/quality.py, pti on ring, 3 seeds): see docs/quality.md; thresholds keep a margin
+MIN_SUBJECT_FIDELITY = 0.6
+MIN_RETENTION = 0.8
+CONCEPT_SEEDS = range(12)  # 60 images: 12 per colour
+KNOWN_SEEDS = range(2)  # 50 images: 2 per known prompt
+
+
+@pytest.fixture(scope="module")
+def scoring():
+    from lora_ops.models import load_pipeline
+    from lora_ops.shapes.evaluator import ShapesEvaluator
+    from lora_ops.shapes.quality import known_accuracy
+
+    pipe = load_pipeline(pretrained("sd"))
+    evaluator = ShapesEvaluator.from_pretrained(pretrained("evaluator"))
+    return pipe, evaluator, known_accuracy(pipe, evaluator, KNOWN_SEEDS)
+
+
+def _train(tmp_path, **overrides):
+    data = write_concept_dataset("ring", tmp_path / "data", seed=0)
+    return train_recipe("pti", get_concept("ring"), data, tmp_path / "out", pretrained("sd"),
+                        RecipeConfig(seed=0, **overrides))  # fmt: skip
+
+
+def _score(scoring, lora, scale=1.0):
+    from lora_ops.shapes.quality import score_lora
+
+    pipe, evaluator, base_known = scoring
+    scores, _ = score_lora(pipe, lora, evaluator, get_concept("ring"), "<s1>", CONCEPT_SEEDS, KNOWN_SEEDS,
+                           base_known=base_known, scale=scale)  # fmt: skip
+    print(f"scale {scale}: {scores}")
+    return scores
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("quality-pti"))
+
+
+def test_pivotal_tuning_learns_the_new_subject(scoring, trained):
+    scores = _score(scoring, trained)
+    assert scores["subject_fidelity"] >= MIN_SUBJECT_FIDELITY, scores
+    assert scores["retention"] >= MIN_RETENTION, scores
+
+
+def test_the_quality_check_fails_with_the_lora_switched_off(scoring, trained):
+    scores = _score(scoring, trained, scale=0.0)
+    assert scores["subject_fidelity"] < MIN_SUBJECT_FIDELITY, scores
+
+
+def test_the_quality_check_fails_for_a_run_that_cannot_learn(scoring, tmp_path):
+    lora = _train(tmp_path, learning_rate_ti=0.0, learning_rate_unet=0.0, learning_rate_text=0.0)
+    scores = _score(scoring, lora)
+    assert scores["subject_fidelity"] < MIN_SUBJECT_FIDELITY, scores
+
+
+def test_evaluate_reports_the_classifier_metrics(trained, tmp_path):
+    """The evaluate step's optional classifier: the LoRA's images show the ring, the base's do not."""
+    from lora_ops.evaluate import EvaluateConfig, evaluate_loras
+
+    result = evaluate_loras(
+        EvaluateConfig(
+            model=pretrained("sd"),
+            loras=[trained],
+            names=["pti"],
+            output_dir=tmp_path / "eval",
+            prompts=["a red {token} circle", "a green {token} circle", "a yellow {token} circle"],
+            class_word="",
+            instance_dir=write_concept_dataset("ring", tmp_path / "data"),
+            clip_model=str(pretrained("clip")),
+            dino_model=str(pretrained("dino")),
+            classifier_model=pretrained("evaluator"),
+            classifier_target="shape=ring",
+            seeds=[0, 1, 2, 3],
+            num_inference_steps=20,
+            sweep_steps=3,
+            select_metric="classifier",
+        )
+    )
+    base = result.metrics["base"]["mean"]
+    lora = result.metrics["loras"]["pti"]["scales"]["1"]["mean"]
+    assert base["classifier"] <= 0.1 < MIN_SUBJECT_FIDELITY <= lora["classifier"], (base, lora)
+    assert base["classifier_prompt"] >= 0.8  # the base draws the prompted colour
+    assert lora["clip_i"] > base["clip_i"] and lora["dino"] > base["dino"]  # closer to the instance images
+    assert "CLASSIFIER" in result.comparison_table.read_text()
+    assert result.best["metric"] == "classifier" and result.sweep_grid.is_file()
