@@ -248,7 +248,9 @@ def main(argv=None) -> dict:
                 score_file(f"{label}: {c}", merged_path, get_concept(c), tok)
                 single = results["cells"][c]["pti"][0]["subject_fidelity"]
                 merged_fidelity = results["extras"][f"{label}: {c}"]["subject_fidelity"]
-                results["extras"][f"{label}: {c}"]["kept_of_single"] = merged_fidelity / single if single else float("nan")
+                results["extras"][f"{label}: {c}"]["kept_of_single"] = (
+                    merged_fidelity / single if single else float("nan")
+                )
 
     results["wall_seconds"] = time.monotonic() - t_all
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -104,7 +104,7 @@ def demo_conf(inputs: dict[str, str], model_name: str, **overrides) -> dict:
         "tune_lr_text": 0.0,
         "resolution": RESOLUTION,
         "seed": 0,
-        "promotion_metric": "classifier",
+        "promotion_metric": "clip_i",
         "executor_profile": "cpu",
     }
     conf.update(overrides)

@@ -42,7 +42,7 @@ class RecipeConfig:
         progress: progress bars.
     """
 
-    steps: int = 400
+    steps: int = 1600
     rank: int = 4
     batch_size: int = 4
     learning_rate_ti: float = 5e-3
