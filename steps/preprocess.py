@@ -99,6 +99,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     mask_model=args.mask_model,
                     mask_prompts=tuple(p for p in args.mask_phrases.split("|") if p),
                     crop=args.crop,
+                    # real photos under 64 px are bad input; a model trained at a smaller size takes its own size
+                    min_size=min(64, args.resolution),
                     on_error=args.on_error,
                     device=common.device(args.device),
                     seed=args.seed,
