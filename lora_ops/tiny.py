@@ -16,7 +16,8 @@ import torch
 Arch = Literal["tiny", "sd15", "sd21"]
 ARCHS: tuple[str, ...] = ("tiny", "sd15", "sd21")
 
-_SCHEDULER = {
+# SD 1.x's DDIM schedule (also the shapes world's)
+SCHEDULER_DEFAULTS = {
     "_class_name": "DDIMScheduler",
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -222,7 +223,7 @@ def make_tiny_model(
     text_encoder = CLIPTextModel(text_config)
     write_byte_level_tokenizer(directory / "tokenizer", cfg["text"]["vocab_size"])
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer", model_max_length=77)
-    scheduler = DDIMScheduler.from_config({**_SCHEDULER, "prediction_type": cfg["prediction_type"]})
+    scheduler = DDIMScheduler.from_config({**SCHEDULER_DEFAULTS, "prediction_type": cfg["prediction_type"]})
 
     pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
     pipe = pipeline_class(

@@ -20,7 +20,6 @@ The output is `DIR/sd` (a diffusers StableDiffusionPipeline folder), `DIR/clip`,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -34,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..tiny import write_byte_level_tokenizer
+from ..preprocess import sha256_file
+from ..tiny import SCHEDULER_DEFAULTS, write_byte_level_tokenizer
 from .evaluator import NONE, EvaluatorConfig, ShapesEvaluator
 from .world import ALL_SHAPES, COLOURS, SIZE, STYLES, Spec, all_specs, caption, known_specs, render, render_none
 
@@ -80,16 +80,7 @@ TEXT_CONFIG = dict(
 # (sqrt(alpha_bar_T) = 0.068), which is the likely cause of the base's washed-out, wrong-coloured samples on
 # some seeds; a schedule ending at beta 0.02 (0.015) was measured worse (known accuracy 0.31 against 0.62:
 # DDIM's first steps amplify the UNet's errors), so SD's own stays until v-prediction is tried.
-SCHEDULER_CONFIG = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
+SCHEDULER_CONFIG = {k: v for k, v in SCHEDULER_DEFAULTS.items() if k != "_class_name"} | {"prediction_type": "epsilon"}
 # the scorers: 32 px in 4 px patches
 SCORER_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                      image_size=SIZE, patch_size=4)  # fmt: skip
@@ -503,14 +494,6 @@ def check_clip(clip_dir: Path, n: int, seed: int) -> dict[str, float]:
 
 
 # ---- the command ---------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
