@@ -34,6 +34,8 @@ def run(args) -> int:
         instance_dir=args.instance_dir,
         clip_model=args.clip_model,
         dino_model=args.dino_model,
+        classifier_model=args.classifier_model,
+        classifier_target=args.classifier_target,
         scales=[_scale(s) for s in args.scale] if args.scale else (1.0,),
         seeds=args.seed if args.seed else (0, 1),
         num_inference_steps=args.steps,
@@ -89,7 +91,9 @@ def register(sub) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--sweep-steps", type=int, default=5, help="alpha-sweep frames from 0 to 1 (0: none)")
-    p.add_argument("--select-metric", choices=("clip_i", "clip_t", "dino"), default="clip_i")
+    p.add_argument("--classifier-model", default=None, help="shapes-world evaluator folder (classifier metrics)")
+    p.add_argument("--classifier-target", default=None, help='what the LoRAs should show, e.g. "shape=ring"')
+    p.add_argument("--select-metric", choices=("clip_i", "clip_t", "dino", "classifier"), default="clip_i")
     p.add_argument("--tolerance", type=float, default=0.02, help="how far below the best CLIP-T a pick may be")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default="cpu")
