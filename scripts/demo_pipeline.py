@@ -104,7 +104,7 @@ def demo_conf(inputs: dict[str, str], model_name: str, **overrides) -> dict:
         "tune_lr_text": 0.0,
         "resolution": RESOLUTION,
         "seed": 0,
-        "promotion_metric": "clip_i",
+        "promotion_metric": "classifier",  # the share of rings: the world's judge (CLIP-I favours the instances' colours)
         "executor_profile": "cpu",
     }
     conf.update(overrides)

@@ -1,7 +1,7 @@
 """End to end: `lora_finetune` through Airflow (local executor) against real SeaweedFS and MLflow servers.
 
 On the shapes world: run 1 (the demo's pivotal tuning of the new subject) registers the champion with its
-lineage; run 2, a weaker candidate (a few steps only), scores lower on CLIP-I (the world's CLIP) and is
+lineage; run 2, a weaker candidate (a few steps only), scores lower on the world's classifier and is
 registered as challenger while the champion stays; the batch scan then sees the subject as unchanged, and
 as changed once its dataset changes.
 """
@@ -62,8 +62,9 @@ def test_finetune_registers_champion_and_keeps_it_against_a_weaker_run(stack_env
     assert tags["rank"] == str(RecipeConfig().rank)  # the demo distills at the tuning rank
     assert len(tags["dataset_sha256"]) == 64
     assert f"/runs/{run1.replace(':', '-').replace('+', '-')}/distill/r" in tags["lora_uri"]
-    learned = float(tags["metric.clip_i"])  # closeness to the instance images (the world's CLIP)
-    assert "metric.classifier" in tags and "metric.dino" in tags
+    learned = float(tags["metric.classifier"])  # the share of its images the world's evaluator calls a ring
+    assert learned >= 0.4, tags  # measured 0.6 (3 of 5 colours)
+    assert "metric.clip_i" in tags and "metric.dino" in tags
     files = demo_pipeline.fetch_evaluation(tags["lora_uri"].split("distill/")[0], tmp_path / "evaluation")
     assert {"comparison.png", "sweep.png", "metrics.json"} <= {f.name for f in files}
     assert all(f.stat().st_size > 0 for f in files)
@@ -73,7 +74,7 @@ def test_finetune_registers_champion_and_keeps_it_against_a_weaker_run(stack_env
     run2 = demo_pipeline.run_finetune(weak, env, tmp_path / "run2.log")
     mv2, champion = demo_pipeline.registered_version(MODEL, run2, stack_env["MLFLOW_TRACKING_URI"])
     assert mv2.version != mv1.version and mv2.tags["pipeline_run_id"] == run2
-    assert float(mv2.tags["metric.clip_i"]) < learned, mv2.tags
+    assert float(mv2.tags["metric.classifier"]) < learned, mv2.tags
     assert champion.version == mv1.version
     assert "challenger" in mv2.aliases and "champion" not in mv2.aliases
 
