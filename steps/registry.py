@@ -87,6 +87,27 @@ def _prompts(model_input) -> list[str]:
     raise ValueError(f"model_input={model_input!r}: expected a prompt, a list of prompts or a 'prompt' column")
 
 
+def _signature():
+    """Prompts in; the documented `predict` params, which MLflow passes on only when the signature names them."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    params = ParamSchema(
+        [
+            ParamSpec("num_inference_steps", "long", 30),
+            ParamSpec("guidance_scale", "double", 7.5),
+            ParamSpec("seed", "long", 0),
+            ParamSpec("height", "long", 0),  # 0: the model's own size
+            ParamSpec("width", "long", 0),
+            ParamSpec("scale", "double", 1.0),
+        ]
+    )
+    return ModelSignature(inputs=Schema([ColSpec("string")]), params=params)
+
+
+SIGNATURE = _signature()
+
+
 def save_pyfunc(folder: str | Path, lora_path: str | Path, metadata: dict[str, Any]) -> Path:
     """Write the pyfunc model folder for a LoRA file and its metadata; returns the folder."""
     folder = Path(folder)
@@ -99,6 +120,7 @@ def save_pyfunc(folder: str | Path, lora_path: str | Path, metadata: dict[str, A
             python_model=LoraPipelineModel(),
             artifacts={"lora": str(staging / LORA_FILE), "metadata": str(staging / METADATA_FILE)},
             pip_requirements=PIP_REQUIREMENTS,
+            signature=SIGNATURE,
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
