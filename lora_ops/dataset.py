@@ -107,6 +107,17 @@ class Example:
     mask: Path | None = None
 
 
+def read_caption(path: str | Path) -> str:
+    """A caption file's text (UTF-8, whitespace collapsed); ValueError naming the file when it is not text."""
+    try:
+        return " ".join(Path(path).read_text(encoding="utf-8").split())
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{Path(path).name}: caption file is not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 4]!r}); "
+            "save it as UTF-8"
+        ) from None
+
+
 def scan_folder(directory: str | Path, on_bad_files: Literal["error", "skip"] = "error") -> list[Example]:
     """The images of a dataset folder, with their captions and masks, sorted by file name.
 
@@ -136,11 +147,15 @@ def scan_folder(directory: str | Path, on_bad_files: Literal["error", "skip"] = 
             bad.append(f"{path.name} (unreadable: {type(exc).__name__})")
             continue
         caption_file = path.with_suffix(CAPTION_SUFFIX)
-        caption = caption_file.read_text().strip() if caption_file.name in names else None
+        try:
+            caption = read_caption(caption_file) if caption_file.name in names else None
+        except ValueError as exc:
+            bad.append(str(exc))
+            continue
         mask = path.with_name(path.stem + MASK_SUFFIX)
         examples.append(Example(path, caption or None, mask if mask.name in names else None))
     if bad:
-        message = f"{directory}: {len(bad)} file(s) are not usable images: " + ", ".join(bad)
+        message = f"{directory}: {len(bad)} file(s) are not usable: " + ", ".join(bad)
         if on_bad_files == "error":
             raise ValueError(message + " (remove them, or skip them with on_bad_files='skip')")
         warnings.warn(message + "; skipped", stacklevel=2)

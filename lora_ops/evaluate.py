@@ -30,7 +30,8 @@ from .images import make_grid, save_gif
 from .lora_file import load_lora
 from .metrics import ClipScorer, DinoScorer, clip_t, mean_similarity
 from .models import load_pipeline
-from .preprocess import IMAGE_SUFFIXES, _prepare_output, _publish, load_image
+from .outputs import prepare_output, publish_output
+from .preprocess import IMAGE_SUFFIXES, load_image
 from .runtime import patch_pipeline, remove_lora, set_scales
 
 Metric = Literal["clip_i", "clip_t", "dino", "classifier"]
@@ -333,9 +334,11 @@ def evaluate_loras(config: EvaluateConfig) -> EvaluationResult:
     dtype = _DTYPES[cfg.dtype]
     loras = [load_lora(p) for p in cfg.loras]  # fail on a bad file before any model loads
     learned = sorted({t for lora in loras for t in lora.tokens})
+    inputs = {"loras": cfg.loras, "model": cfg.model, "classifier_model": cfg.classifier_model}
+    prepare_output(cfg.output_dir, cfg.overwrite, "metrics.json", inputs).rmdir()  # refuse before loading models
     scores = _Scores(cfg, dtype)
     pipe = load_pipeline(cfg.model, "text2img", cfg.device, dtype)
-    staging = _prepare_output(cfg.output_dir, cfg.overwrite)
+    staging = prepare_output(cfg.output_dir, cfg.overwrite, "metrics.json", inputs)
 
     def generate(prompt: str, seed: int):
         generator = torch.Generator(device=cfg.device).manual_seed(seed)
@@ -452,8 +455,9 @@ def evaluate_loras(config: EvaluateConfig) -> EvaluationResult:
             )
         table = staging / "comparison.md"
         table.write_text(_table(metrics, best))
+        metrics["files"] = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # last: marks completion
-        _publish(staging, cfg.output_dir)
+        publish_output(staging, cfg.output_dir)
     except BaseException:
         import shutil
 

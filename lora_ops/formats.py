@@ -35,6 +35,7 @@ from .lora_file import (
     atomic_write,
     lora_from_state_dict,
     read_safetensors,
+    require_finite,
     save_lora,
 )
 from .targets import canonical_name
@@ -99,6 +100,7 @@ def read_raw(path: str | Path) -> tuple[str, dict[str, Any], dict[str, str]]:
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix in (".pt", ".bin", ".ckpt", ".pth"):
         obj = _load_pt(path)
+        require_finite(obj, str(path))
         if isinstance(obj, (list, tuple)):
             # the original project's .pt: [up, down, up, down, …] in traversal order
             if len(obj) % 2 or not all(isinstance(t, torch.Tensor) for t in obj):
@@ -242,6 +244,7 @@ def write_any(path: str | Path, lora: LoraFile, fmt: str, base: Any = None) -> P
     from .legacy import write_legacy
 
     path = Path(path)
+    require_finite(lora.state_dict(), f"refusing to write {path}")
     if fmt == "native":
         return save_lora(path, lora)
     if fmt == "diffusers":

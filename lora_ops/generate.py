@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import make_grid
+from .lora_file import load_lora
 from .models import as_task, load_pipeline
 from .runtime import patch_pipeline
 
@@ -105,9 +106,10 @@ def _open_image(path: str, mode: str) -> Image.Image:
 def generate(config: GenerateConfig, pipe=None) -> list[Image.Image]:
     """Generate one image per (prompt, seed), in that order. `pipe` reuses an already loaded pipeline."""
     if pipe is None:
+        loras = [load_lora(use.path) for use in config.loras]  # a bad file fails before the model loads
         pipe = load_pipeline(config.model, device=config.device, dtype=_DTYPES[config.dtype])
-        for i, use in enumerate(config.loras):
-            patch_pipeline(pipe, use.path, f"lora{i}", use.unet_scale, use.text_encoder_scale)
+        for i, (use, lora) in enumerate(zip(config.loras, loras)):
+            patch_pipeline(pipe, lora, f"lora{i}", use.unet_scale, use.text_encoder_scale)
     pipe = as_task(pipe, config.task)
     kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale)
     if config.negative_prompt:

@@ -174,8 +174,34 @@ def save_lora(path: str | Path, lora: LoraFile, dtype: Literal["fp32", "fp16", "
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, with one clear error for anything else."""
+def non_finite(tensors: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf in a (nested) dict or list of tensors."""
+    if isinstance(tensors, torch.Tensor):
+        return [prefix] if tensors.is_floating_point() and not torch.isfinite(tensors).all() else []
+    if isinstance(tensors, Mapping):
+        items = tensors.items()
+    elif isinstance(tensors, (list, tuple)):
+        items = enumerate(tensors)
+    else:
+        return []
+    return [bad for key, value in items for bad in non_finite(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def require_finite(tensors: Any, where: str) -> None:
+    """Raise ValueError naming the tensors of `tensors` that hold NaN or Inf (weights, alphas, embeddings)."""
+    bad = non_finite(tensors)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        named = f" in {', '.join(bad[:5])}{more}" if bad != [""] else ""
+        raise ValueError(
+            f"{where}: non-finite values (NaN/Inf){named}; the weights are broken "
+            "(diverged training or a bad export): refusing to use them"
+        )
+
+
+def read_safetensors(path: str | Path, finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with one clear error for anything else (a bad header,
+    truncation, and with `finite` any NaN/Inf tensor, named)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -190,14 +216,42 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         header = None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors file (no valid header)")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = max((_check_entry(path, k, v)[1] for k, v in header.items() if k != "__metadata__"), default=0)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError(f"{path}: bad safetensors header: __metadata__ must map strings to strings")
     if 8 + n + end > size:
         raise ValueError(f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
     try:
         tensors = load_file(path)
     except SafetensorError as exc:
         raise ValueError(f"{path}: unreadable safetensors file: {exc}") from None
-    return tensors, dict(header.get("__metadata__") or {})
+    if finite:
+        require_finite(tensors, str(path))
+    return tensors, dict(meta)
+
+
+def _check_entry(path: Path, key: str, entry: Any) -> tuple[int, int]:
+    """The (start, end) data offsets of one header entry, or ValueError naming the file and the entry."""
+    bad = f"{path}: bad safetensors header entry {key!r}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{bad}: expected an object with dtype, shape and data_offsets, got {type(entry).__name__}")
+    missing = [f for f in ("dtype", "shape", "data_offsets") if f not in entry]
+    if missing:
+        raise ValueError(f"{bad}: missing {', '.join(missing)}")
+    offsets, shape = entry["data_offsets"], entry["shape"]
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        raise ValueError(f"{bad}: data_offsets must be two non-negative integers [start, end], got {offsets!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ValueError(f"{bad}: shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(entry["dtype"], str):
+        raise ValueError(f"{bad}: dtype must be a string, got {entry['dtype']!r}")
+    return offsets[0], offsets[1]
 
 
 def _parse_json(meta: Mapping[str, str], key: str, default):

@@ -20,7 +20,7 @@ import torch
 
 from .formats import lora_dims
 from .legacy import check_shapes
-from .lora_file import COMPONENTS, LoraFile, LoraModule
+from .lora_file import COMPONENTS, LoraFile, LoraModule, require_finite
 from .resize import ResizeConfig, ResizeReport, resize_module
 from .runtime import patch_pipeline
 from .targets import get_module
@@ -228,14 +228,18 @@ def add_to_pipeline(
             raise ValueError(f"{name}={value!r} must be a finite number")
     models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     check_shapes(lora, models)
-    if lora.tokens and load_tokens:
-        apply_token_embeddings(pipe.tokenizer, pipe.text_encoder, lora.tokens)
-    count = 0
+    require_finite(lora.state_dict(), "add_to_pipeline: the LoRA")
+    # every merged weight is computed and checked before any is written: no half-merged model
+    merged = []
     for comp, scale in (("unet", unet_scale), ("text_encoder", text_encoder_scale)):
         for name, mod in lora.component(comp).items():
-            count += 1
             layer = get_module(models[comp], name)
             weight = getattr(layer, "base_layer", layer).weight
-            delta = mod.delta().to(weight.device)
-            weight.copy_((weight.float() + scale * delta).to(weight.dtype))
-    return count
+            new = (weight.float() + scale * mod.delta().to(weight.device)).to(weight.dtype)
+            require_finite(new, f"add_to_pipeline: {comp}.{name} after merging at scale {scale}")
+            merged.append((weight, new))
+    if lora.tokens and load_tokens:
+        apply_token_embeddings(pipe.tokenizer, pipe.text_encoder, lora.tokens)
+    for weight, new in merged:
+        weight.copy_(new)
+    return len(merged)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,8 +25,10 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .captioning import Captioner, check_model_source, edit_caption, load_pretrained
+from .dataset import read_caption
 from .images import make_grid
 from .masks import ClipSegMasker, FaceMasker, center_of_mass, square_box
+from .outputs import check_disjoint, prepare_output, publish_output
 from .tiny_vision import make_tiny_preprocess_models
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -108,8 +108,7 @@ class PreprocessConfig:
         self.mask_prompts = tuple(self.mask_prompts)
         if not self.input_dir.is_dir():
             raise FileNotFoundError(f"input_dir={str(self.input_dir)!r} is not a folder")
-        if self.output_dir.resolve() == self.input_dir.resolve():
-            raise ValueError(f"output_dir={str(self.output_dir)!r} must differ from input_dir")
+        check_disjoint(self.output_dir, {"input_dir": self.input_dir})
         if not isinstance(self.resolution, int) or not 8 <= self.resolution <= 4096 or self.resolution % 8:
             raise ValueError(f"resolution={self.resolution!r} must be a multiple of 8 in [8, 4096]")
         for name, value, allowed in (
@@ -234,9 +233,10 @@ def _list_inputs(input_dir: Path) -> list[Path]:
 
 
 def _fallback_caption(path: Path) -> str:
+    """The `<name>.txt` beside an image, else its file name; ValueError naming a caption that is not UTF-8."""
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file():
-        return " ".join(sidecar.read_text(encoding="utf-8").split())
+        return read_caption(sidecar)
     return " ".join(re.sub(r"[_\-]+", " ", path.stem).split())
 
 
@@ -252,36 +252,21 @@ def _contact_sheet(rows: list[tuple[Image.Image, Image.Image, str]], path: Path)
     return path
 
 
-def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise ValueError(f"output_dir={str(output_dir)!r} exists and is not a folder")
-        if any(output_dir.iterdir()) and not overwrite:
-            raise ValueError(f"output_dir={str(output_dir)!r} is not empty; pass overwrite=True (--overwrite)")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-
-
-def _publish(staging: Path, output_dir: Path) -> None:
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(staging, output_dir)
-
-
 def preprocess_dataset(config: PreprocessConfig) -> PreprocessResult:
     """Caption, mask, crop and resize every image of `config.input_dir` into `config.output_dir`."""
     cfg = config
     dtype = _DTYPES[cfg.dtype]
 
     # read and check every input before loading any model or writing anything
-    images: list[tuple[Path, Image.Image]] = []
+    images: list[tuple[Path, Image.Image, str | None]] = []
     bad: list[dict] = []
     for path in _list_inputs(cfg.input_dir):
         try:
             image = load_image(path)
             if min(image.size) < cfg.min_size:
                 raise ValueError(f"{path.name}: {image.width}x{image.height} is smaller than min_size={cfg.min_size}")
-            images.append((path, image))
+            fallback = None if cfg.caption_model else _fallback_caption(path)  # a bad caption file fails here
+            images.append((path, image, fallback))
         except ValueError as exc:
             bad.append({"file": path.name, "reason": str(exc)})
     if bad and cfg.on_error == "raise":
@@ -291,7 +276,7 @@ def preprocess_dataset(config: PreprocessConfig) -> PreprocessResult:
         warnings.warn(f"skipping {b['reason']}", stacklevel=2)
     if not images:
         raise ValueError(f"input_dir={str(cfg.input_dir)!r}: no usable image left")
-    names = [_safe_name(p.stem) for p, _ in images]
+    names = [_safe_name(p.stem) for p, _, _ in images]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise ValueError(f"input files map to the same output name(s) {clashes}; rename them")
@@ -313,12 +298,12 @@ def preprocess_dataset(config: PreprocessConfig) -> PreprocessResult:
         masker = None
     upscaler = Upscaler(cfg.upscale_model, cfg.device, dtype) if cfg.upscale_model else None
 
-    staging = _prepare_output(cfg.output_dir, cfg.overwrite)
+    staging = prepare_output(cfg.output_dir, cfg.overwrite, "manifest.json", {"input_dir": cfg.input_dir})
     try:
         items, sheet_rows = [], []
-        for name, (path, image) in zip(names, tqdm(images, desc="preprocess", unit="image"), strict=True):
+        for name, (path, image, fallback) in zip(names, tqdm(images, desc="preprocess", unit="image"), strict=True):
             item = {"name": name, "source": path.name, "source_size": list(image.size), "upscaled": 0}
-            raw = captioner([image])[0] if captioner else _fallback_caption(path)
+            raw = captioner([image])[0] if captioner else fallback
             caption = edit_caption(raw, cfg.caption_prefix, cfg.caption_token, cfg.caption_substitute)
 
             # small images: super-resolution first, so masks and crops see the detail
@@ -371,7 +356,7 @@ def preprocess_dataset(config: PreprocessConfig) -> PreprocessResult:
         }
         # the manifest goes last: a folder with a manifest is complete
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=list) + "\n")
-        _publish(staging, cfg.output_dir)
+        publish_output(staging, cfg.output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .formats import save_a1111_embedding
-from .lora_file import LoraFile, atomic_write
+from .lora_file import LoraFile, atomic_write, require_finite
 from .merge import add_to_pipeline
 
 _RESNET = {
@@ -141,6 +141,7 @@ def save_single_file(pipe, path: str | Path, half: bool = False) -> Path:
     if path.suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"path={str(path)!r}: the checkpoint must end in .safetensors or .ckpt")
     tensors = original_state_dict(pipe, torch.float16 if half else torch.float32)
+    require_finite(tensors, f"refusing to write {path}{' (fp16)' if half else ''}")
     if path.suffix == ".ckpt":
         return atomic_write(path, lambda tmp: torch.save({"state_dict": tensors}, tmp))
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

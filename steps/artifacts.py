@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -160,6 +161,48 @@ def parse_uri(uri: str | Path, name: str = "uri") -> Location:
 
 def is_s3(uri: str | Path) -> bool:
     return str(uri).startswith("s3://")
+
+
+def _is_uri(text: str) -> bool:
+    """An s3:// or file:// URI, or a local path that exists (a hub id such as `org/model` is neither)."""
+    return "://" in text or Path(text).expanduser().exists()
+
+
+def overlaps(a: Location, b: Location) -> bool:
+    """Whether one of two prefixes is, contains or lies inside the other."""
+    if a.scheme != b.scheme or a.bucket != b.bucket:
+        return False
+    if a.scheme == "s3":
+        ka, kb = a.as_prefix().key, b.as_prefix().key
+        return ka.startswith(kb) or kb.startswith(ka)
+    pa, pb = Path(a.key), Path(b.key)
+    return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
+
+
+def refuse_overlap(out: str | Path | None, inputs: dict[str, str | Path | Iterable[str | Path] | None]) -> None:
+    """Refuse an output prefix that equals, contains or lies inside any input prefix ({flag: uri(s)}).
+
+    Called by every step before it reads or writes anything: writing into an input would overwrite the
+    user's data, and the next retry would find inputs that changed under it.
+    """
+    if not out:
+        return
+    where = parse_uri(out, "--out")
+    for flag, uris in inputs.items():
+        for uri in [uris] if isinstance(uris, (str, Path)) else (uris or []):
+            if uri and _is_uri(str(uri)) and overlaps(where, parse_uri(uri, flag)):
+                raise ValueError(
+                    f"--out={out} overlaps the input {flag}={uri} (equal, inside or containing it): the step would "
+                    "write into its own input; choose an output prefix outside every input (e.g. runs/<run_id>/<step>/)"
+                )
+
+
+RUN_LAYOUT = re.compile(r"(^|/)runs/[^/]+/[^/]+")
+
+
+def in_run_layout(loc: Location) -> bool:
+    """Whether a prefix lies in the pipeline's run layout (`runs/<run_id>/<step>/…`): only step outputs live there."""
+    return loc.scheme == "s3" and bool(RUN_LAYOUT.search(loc.as_prefix().key))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -441,6 +484,17 @@ def read_manifest(uri: str | Path | Location, store: Store | None = None) -> tup
     return manifest, hashlib.sha256(data).hexdigest()
 
 
+# download folder -> the URI it came from, so that errors name what the user gave (see `local_names`)
+_DOWNLOADS: dict[str, str] = {}
+
+
+def local_names(text: str) -> str:
+    """`text` with every download folder replaced by the URI it was fetched from."""
+    for local in sorted(_DOWNLOADS, key=len, reverse=True):
+        text = text.replace(local, _DOWNLOADS[local])
+    return text
+
+
 @dataclass
 class Fetched:
     """A downloaded input: local folder, its manifest (None for a plain prefix) and its content hash."""
@@ -484,9 +538,11 @@ def fetch(
     loc = parse_uri(uri, name).as_prefix()
     store = store or Store.for_uri(loc)
     dest = Path(dest)
+    for form in {str(dest), str(dest.resolve())}:
+        _DOWNLOADS[form.rstrip("/")] = str(loc).rstrip("/")
     found = read_manifest(loc, store)
     if found is None:
-        if require_manifest:
+        if require_manifest or in_run_layout(loc):
             raise IntegrityError(
                 f"{name}={uri}: no {MANIFEST} there, so it is not a completed step output "
                 "(the step that writes it has not finished, or the URI is wrong)"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .artifacts import CredentialsError, IntegrityError, StorageError
+from .artifacts import CredentialsError, IntegrityError, StorageError, local_names, refuse_overlap
 
 XCOM_DIR = Path("/airflow/xcom")
 EXIT_OK, EXIT_UNEXPECTED, EXIT_INPUT, EXIT_INFRA = 0, 1, 2, 3
@@ -32,12 +32,14 @@ def parser(step: str, description: str, compute: bool = True, out_required: bool
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+def parse(p: argparse.ArgumentParser, argv: list[str] | None, inputs: tuple[str, ...] = ()) -> argparse.Namespace:
+    """Parse the flags; `inputs` names the flags holding input URIs, which `--out` must not overlap."""
     args = p.parse_args(argv)
     if not args.run_id:
         p.error("--run-id is required (or set AIRFLOW_CTX_DAG_RUN_ID)")
     if "/" in args.run_id or args.run_id.strip() != args.run_id:
         p.error(f"--run-id={args.run_id!r} must not contain '/' or surrounding spaces")
+    refuse_overlap(args.out, {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in inputs})
     return args
 
 
@@ -107,7 +109,7 @@ def main(step: str, run: Callable[[list[str] | None], dict[str, Any]], argv: lis
         print(f"{step}: interrupted", file=sys.stderr)
         return 130
     except (CredentialsError, IntegrityError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(_redact(f"{step}: error: {exc}"), file=sys.stderr)
+        print(_redact(local_names(f"{step}: error: {exc}")), file=sys.stderr)
         return EXIT_INPUT
     except StorageError as exc:
         print(_redact(f"{step}: storage unavailable: {exc}"), file=sys.stderr)
@@ -120,7 +122,7 @@ def main(step: str, run: Callable[[list[str] | None], dict[str, Any]], argv: lis
             )
             return EXIT_INFRA
         print(_redact(traceback.format_exc()), file=sys.stderr)
-        print(_redact(f"{step}: unexpected error: {type(exc).__name__}: {exc}"), file=sys.stderr)
+        print(_redact(local_names(f"{step}: unexpected error: {type(exc).__name__}: {exc}")), file=sys.stderr)
         return EXIT_UNEXPECTED
     emit(result)
     return EXIT_OK

@@ -29,7 +29,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from lora_ops import load_lora, save_lora
     from lora_ops.resize import ResizeConfig, resize_lora
 
-    args = common.parse(build_parser(), argv)
+    args = common.parse(build_parser(), argv, inputs=("--lora",))
     if args.rank < 1:
         raise ValueError(f"--rank={args.rank}: must be a positive integer")
     params = {"rank": args.rank}

@@ -64,7 +64,11 @@ def candidate_names(uris: list[str]) -> list[str]:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     from lora_ops.evaluate import DEFAULT_PROMPTS, EvaluateConfig, evaluate_loras
 
-    args = common.parse(build_parser(), argv)
+    args = common.parse(
+        build_parser(),
+        argv,
+        inputs=("--dataset", "--base-model", "--lora", "--clip-model", "--dino-model", "--classifier-model"),
+    )
     names = candidate_names(args.lora)
     params = {
         "prompts": args.prompts or list(DEFAULT_PROMPTS),

@@ -45,7 +45,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from lora_ops.train import run_inversion
     from lora_ops.train_config import PTIConfig
 
-    args = common.parse(build_parser(), argv)
+    args = common.parse(build_parser(), argv, inputs=("--dataset", "--base-model"))
     params = {
         "placeholder_tokens": args.placeholder_tokens,
         "initializer_tokens": args.initializer_tokens,

@@ -51,7 +51,7 @@ def build_parser():
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     from lora_ops.preprocess import PreprocessConfig, preprocess_dataset
 
-    args = common.parse(build_parser(), argv)
+    args = common.parse(build_parser(), argv, inputs=("--dataset",))
     caption_model = None if args.caption_model.lower() == "none" else args.caption_model
     substitute: tuple[str, ...] = ()
     token = None

@@ -87,7 +87,7 @@ def _apply_decision(client, name: str, mv, metric: str, tolerance: float) -> tup
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
-    args = common.parse(build_parser(), argv)
+    args = common.parse(build_parser(), argv, inputs=("--evaluation",))
     if not math.isfinite(args.clip_t_tolerance) or args.clip_t_tolerance < 0:
         raise ValueError(f"--clip-t-tolerance={args.clip_t_tolerance}: must be a finite number >= 0")
     name = args.model_name

@@ -87,7 +87,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from lora_ops.train import run_tuning
     from lora_ops.train_config import PTIConfig
 
-    args = common.parse(build_parser(), argv)
+    args = common.parse(build_parser(), argv, inputs=("--dataset", "--tokens", "--base-model"))
     if args.save_steps < 1:
         raise ValueError(f"--save-steps={args.save_steps}: must be >= 1")
     params = {

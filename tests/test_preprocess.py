@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -170,9 +171,47 @@ def test_output_folder_is_not_clobbered(images_dir, tmp_path):
     cfg = dict(resolution=32, caption_model=None, mask="none", min_size=32)
     with pytest.raises(ValueError, match="not empty"):
         preprocess_dataset(PreprocessConfig(images_dir, out, **cfg))
-    assert (out / "keep.txt").exists()
-    result = preprocess_dataset(PreprocessConfig(images_dir, out, overwrite=True, **cfg))
-    assert not (out / "keep.txt").exists() and len(result.items) == len(NAMES)
+    # --overwrite replaces only a folder lora-ops wrote: a user's folder is refused and kept
+    with pytest.raises(ValueError, match="replaces only a folder lora-ops wrote"):
+        preprocess_dataset(PreprocessConfig(images_dir, out, overwrite=True, **cfg))
+    assert (out / "keep.txt").read_text() == "user data"
+    fresh = tmp_path / "fresh"
+    preprocess_dataset(PreprocessConfig(images_dir, fresh, **cfg))
+    again = preprocess_dataset(PreprocessConfig(images_dir, fresh, overwrite=True, **cfg))
+    assert len(again.items) == len(NAMES) and again.manifest.is_file()
+    # a file the user added to an earlier output is never deleted by --overwrite
+    (fresh / "notes.md").write_text("mine")
+    with pytest.raises(ValueError, match=r"did not write \(\['notes.md'\]\)"):
+        preprocess_dataset(PreprocessConfig(images_dir, fresh, overwrite=True, **cfg))
+    assert (fresh / "notes.md").read_text() == "mine" and again.manifest.is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+@pytest.mark.parametrize("layout", ["out-contains-input", "out-inside-input", "same"])
+def test_output_overlapping_the_input_is_refused(images_dir, tmp_path, layout):
+    parent = tmp_path / "p"
+    raw = parent / "in"
+    shutil.copytree(images_dir, raw)
+    (parent / "unrelated.txt").write_text("keep me")
+    before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+    out = {"out-contains-input": parent, "out-inside-input": raw / "out", "same": raw}[layout]
+    cfg = dict(resolution=32, caption_model=None, mask="none", min_size=32)
+    with pytest.raises(ValueError, match="overlaps the input input_dir"):
+        preprocess_dataset(PreprocessConfig(raw, out, overwrite=True, **cfg))
+    after = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+    assert after == before
+
+
+def test_caption_file_that_is_not_utf8_is_named_before_models_load(images_dir, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(images_dir, raw)
+    bad = sorted(raw.glob("*.png"))[0].with_suffix(".txt")
+    bad.write_bytes(b"a caf\xe9 photo")
+    # the caption model does not exist: the error must come from the caption file, before any model loads
+    cfg = dict(resolution=32, caption_model=None, mask="clipseg", mask_model="nobody/no-such-model", min_size=32)
+    with pytest.raises(ValueError, match=rf"{bad.name}: caption file is not UTF-8"):
+        preprocess_dataset(PreprocessConfig(raw, tmp_path / "out", **cfg))
+    assert not (tmp_path / "out").exists()
 
 
 def test_face_masks_fall_back_to_whole_image(images_dir, tmp_path):
