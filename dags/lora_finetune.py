@@ -265,6 +265,8 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
         "distill": distill,
         "evaluate": evaluate,
         "register": register,
+        "finish": [*common, "--status", "FINISHED"],
+        "finish_failed": [*common, "--status", "FAILED"],
     }
 
 
@@ -304,5 +306,10 @@ with DAG(
     distill = step_task("distill", None, gpu=True, config=CONFIG, expand=distill_commands, map_index_flag="--rank")
     evaluate = step_task("evaluate", commands["evaluate"], gpu=True, config=CONFIG)
     register = step_task("register", commands["register"], config=CONFIG)
+    # the run's MLflow runs end with the DAG run: FINISHED after register, FAILED as soon as any step failed
+    finish = step_task("finish", commands["finish"], config=CONFIG, retries=3)
+    failed = step_task("finish", commands["finish_failed"], task_id="finish_failed", config=CONFIG, retries=3,
+                       trigger_rule="one_failed")  # fmt: skip
 
-    commands >> distill_commands >> preprocess >> invert >> tune >> distill >> evaluate >> register
+    commands >> distill_commands >> preprocess >> invert >> tune >> distill >> evaluate >> register >> finish
+    [preprocess, invert, tune, distill, evaluate, register] >> failed

@@ -12,6 +12,7 @@ pipeline run finds the version it created before (tag `pipeline_run_id`) and cre
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from . import common
 from .artifacts import fetch, parse_uri, sha256_file
-from .tracking import start_step
+from .tracking import KEY_TAG, quote, run_key, start_step
 
 STEP = "register"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -63,22 +64,64 @@ def _version_metrics(mv) -> dict[str, float]:
 
 
 def _existing_version(client, name: str, run_id: str):
-    quoted = run_id.replace("'", "\\'")
-    found = client.search_model_versions(f"name = '{name}' and tags.pipeline_run_id = '{quoted}'")
+    found = client.search_model_versions(f"name = {quote(name)} and tags.`{KEY_TAG}` = '{run_key(run_id)}'")
     return min(found, key=lambda mv: int(mv.version)) if found else None
 
 
-def _apply_decision(client, name: str, mv, metric: str, tolerance: float) -> tuple[str, str]:
+def _champion(client, name: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        current = None
-    if current is not None and current.version == mv.version:
-        return CHAMPION, "already the champion"
-    alias, reason = decide(_version_metrics(mv), _version_metrics(current) if current else None, metric, tolerance)
-    client.set_registered_model_alias(name, alias, mv.version)
+        return None
+
+
+def _replay(client, name: str, current, metric: str, tolerance: float):
+    """The champion after applying `decide` in version order to every registered version newer than the
+    current champion (none: every version), skipping versions tagged `decision=rejected` by a person."""
+    versions = client.search_model_versions(f"name = {quote(name)}")
+    since = int(current.version) if current is not None else 0
+    champion = current
+    for mv in sorted((v for v in versions if int(v.version) > since), key=lambda v: int(v.version)):
+        if (mv.tags or {}).get("decision") == "rejected" or not _version_metrics(mv):
+            continue
+        best = _version_metrics(champion) if champion is not None else None
+        if decide(_version_metrics(mv), best, metric, tolerance)[0] == CHAMPION:
+            champion = mv
+    return champion, {int(v.version) for v in versions}
+
+
+def _apply_decision(client, name: str, mv, metric: str, tolerance: float, attempts: int = 8) -> tuple[str, str]:
+    """Set `champion` by replaying the rule over every version newer than the current champion, then verify.
+
+    Two registrations racing each decide from what they see; each re-reads the alias and the version list
+    after setting the alias and decides again when either changed, so the last writer has seen every
+    version and the result is what one serialised decision in version order would give.
+    """
+    for _ in range(attempts):
+        current = _champion(client, name)
+        champion, seen = _replay(client, name, current, metric, tolerance)
+        if champion is not None and (current is None or champion.version != current.version):
+            client.set_registered_model_alias(name, CHAMPION, champion.version)
+        after = _champion(client, name)
+        _, seen_after = _replay(client, name, after, metric, tolerance)
+        if after is not None and champion is not None and after.version == champion.version and seen_after <= seen:
+            break
+    else:
+        raise RuntimeError(f"{name}: the champion alias kept changing under concurrent registrations; retry")
+    if champion.version == mv.version:
+        alias = CHAMPION
+        if current is not None and current.version == mv.version:
+            reason = "already the champion"
+        else:
+            reason = decide(_version_metrics(mv), _version_metrics(current) if current else None, metric, tolerance)[1]
+    else:
+        alias = CHALLENGER
+        verdict, reason = decide(_version_metrics(mv), _version_metrics(champion), metric, tolerance)
+        if verdict == CHAMPION:  # it beat the old champion, but a version registered beside it did better
+            reason = f"version {champion.version}, registered alongside it, did better by {metric}"
+        client.set_registered_model_alias(name, CHALLENGER, mv.version)
     client.set_model_version_tag(name, mv.version, "decision", alias)
     client.set_model_version_tag(name, mv.version, "decision_reason", reason)
     return alias, reason
@@ -91,28 +134,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if not math.isfinite(args.clip_t_tolerance) or args.clip_t_tolerance < 0:
         raise ValueError(f"--clip-t-tolerance={args.clip_t_tolerance}: must be a finite number >= 0")
     name = args.model_name
-    tracker = start_step(
-        STEP,
-        args.run_id,
-        args.experiment,
-        params={
-            "evaluation": args.evaluation,
-            "model_name": name,
-            "promotion_metric": args.promotion_metric,
-            "clip_t_tolerance": args.clip_t_tolerance,
-        },
-        required=True,
-    )
-    client = tracker.client
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if "already exists" not in str(exc).lower() and getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
-            raise
-
-    mv = _existing_version(client, name, args.run_id)
-    reused = mv is not None
+    quote(name)  # a name MLflow's search cannot express fails here, before anything is written
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ValueError(f"{STEP}: MLFLOW_TRACKING_URI must be set (this step writes to the model registry)")
     with tempfile.TemporaryDirectory(prefix="lora-register-") as tmp:
+        # every input is checked before any MLflow run is opened: bad input never touches the run tree
         evaluation = fetch(args.evaluation, Path(tmp) / "evaluation", name="--evaluation", require_manifest=True,
                            include=lambda p: p == "metrics.json")  # fmt: skip
         manifest = evaluation.manifest or {}
@@ -126,11 +152,36 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(
                 f"--promotion-metric={args.promotion_metric!r}: the evaluation has no such metric (has {sorted(metrics)})"
             )
-        if mv is None:
-            mv = _create_version(tracker, client, args, manifest, best, metrics, evaluation.sha256, Path(tmp))
-    alias, reason = _apply_decision(client, name, mv, args.promotion_metric, args.clip_t_tolerance)
-    tracker.set_tags({"model_name": name, "model_version": mv.version, "alias": alias})
-    tracker.end()
+        tracker = start_step(
+            STEP,
+            args.run_id,
+            args.experiment,
+            params={
+                "evaluation": args.evaluation,
+                "model_name": name,
+                "promotion_metric": args.promotion_metric,
+                "clip_t_tolerance": args.clip_t_tolerance,
+            },
+            required=True,
+        )
+        try:
+            client = tracker.client
+            try:
+                client.create_registered_model(name)
+            except MlflowException as exc:
+                code = getattr(exc, "error_code", "")
+                if "already exists" not in str(exc).lower() and code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            mv = _existing_version(client, name, args.run_id)
+            reused = mv is not None
+            if mv is None:
+                mv = _create_version(tracker, client, args, manifest, best, metrics, evaluation.sha256, Path(tmp))
+            alias, reason = _apply_decision(client, name, mv, args.promotion_metric, args.clip_t_tolerance)
+            tracker.set_tags({"model_name": name, "model_version": mv.version, "alias": alias})
+            tracker.end()
+        except BaseException:
+            tracker.end("FAILED")
+            raise
     return {
         "step": STEP,
         "run_id": args.run_id,
@@ -181,6 +232,7 @@ def _create_version(tracker, client, args, manifest, best, metrics, evaluation_s
     source = f"{run.info.artifact_uri.rstrip('/')}/model"
     tags = {
         "pipeline_run_id": args.run_id,
+        KEY_TAG: run_key(args.run_id),
         "dataset_sha256": metadata["dataset_sha256"],
         "base_model": metadata["base_model"],
         "base_model_sha256": metadata["base_model_sha256"],

@@ -1,6 +1,7 @@
 """The registered LoRA as an MLflow pyfunc model, and the serving lookup `lora-registry get NAME@ALIAS`.
 
-A model version's folder holds `MLmodel`, `python_model.pkl` and `artifacts/lora.safetensors` +
+A model version's folder holds `MLmodel`, the models-from-code file `pyfunc_model.py` (it imports
+`LoraPipelineModel` from the installed project: no pickled code) and `artifacts/lora.safetensors` +
 `artifacts/metadata.json`; `metadata.json` names the base model (hub id, local folder or s3:// prefix).
 `mlflow.pyfunc.load_model("models:/NAME@champion").predict(["a photo of <s1>"])` returns PIL images.
 """
@@ -19,6 +20,7 @@ import mlflow.pyfunc
 
 LORA_FILE = "lora.safetensors"
 METADATA_FILE = "metadata.json"
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 PIP_REQUIREMENTS = ["lora-pipeline", "torch", "diffusers", "transformers", "peft", "safetensors", "minio", "pillow"]
 
 
@@ -117,7 +119,7 @@ def save_pyfunc(folder: str | Path, lora_path: str | Path, metadata: dict[str, A
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
         mlflow.pyfunc.save_model(
             str(folder),
-            python_model=LoraPipelineModel(),
+            python_model=str(MODEL_CODE),  # models-from-code: loading imports the installed class
             artifacts={"lora": str(staging / LORA_FILE), "metadata": str(staging / METADATA_FILE)},
             pip_requirements=PIP_REQUIREMENTS,
             signature=SIGNATURE,

@@ -1,6 +1,6 @@
 """MLflow tracking for the steps: one parent run per pipeline run, one nested run per step (and per rank).
 
-The parent run is found (or created) by its tag `pipeline_run_id`, so steps running in different pods
+The parent run is found (or created) by its tag `pipeline_run_id` (searched as its hash, `run_key`), so steps running in different pods
 and retries land in the same run tree. Without MLFLOW_TRACKING_URI the steps run untracked (`NullTracker`).
 Parameters are step flags only; credentials are never logged.
 """
@@ -17,6 +17,7 @@ from typing import Any
 
 DEFAULT_EXPERIMENT = "lora-pipeline"
 ROLE_TAG = "lora_pipeline.role"  # "pipeline" for the parent, "step" for nested runs
+KEY_TAG = "lora_pipeline.run_key"  # `run_key(pipeline_run_id)`: what runs and model versions are searched by
 SECRET_WORDS = ("secret", "password", "token_value", "access_key", "credential")
 
 
@@ -55,9 +56,26 @@ def clean_params(params: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def run_key(pipeline_run_id: str) -> str:
+    """A search-safe key of a pipeline run id (any quotes, spaces or non-ASCII): runs and model versions are
+    found by this tag, never by matching the free-text id inside a filter string."""
+    import hashlib
+
+    return hashlib.sha256(pipeline_run_id.encode("utf-8")).hexdigest()[:32]
+
+
+def quote(value: str) -> str:
+    """`value` as an MLflow filter string literal; a value holding both quote characters is refused."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r}: a name may not contain both ' and \"")
+
+
 def _find_runs(client, experiment_id: str, filter_string: str):
     return client.search_runs(
-        [experiment_id], filter_string=filter_string, order_by=["attributes.start_time ASC"], max_results=50
+        [experiment_id], filter_string=filter_string, order_by=["attributes.start_time ASC"], max_results=1000
     )
 
 
@@ -224,15 +242,15 @@ def start_step(
             experiment_id = exp.experiment_id
     else:
         experiment_id = exp.experiment_id
-    quoted = pipeline_run_id.replace("'", "\\'")
-    parent_tags = {"pipeline_run_id": pipeline_run_id, ROLE_TAG: "pipeline"}
+    key = run_key(pipeline_run_id)
+    parent_tags = {"pipeline_run_id": pipeline_run_id, KEY_TAG: key, ROLE_TAG: "pipeline"}
     for env_key, tag in (("AIRFLOW_CTX_DAG_ID", "airflow_dag_id"), ("AIRFLOW_CTX_DAG_RUN_ID", "airflow_run_id")):
         if os.environ.get(env_key):
             parent_tags[tag] = os.environ[env_key]
     parent = _get_or_create_run(
         client,
         experiment_id,
-        f"tags.pipeline_run_id = '{quoted}' and tags.`{ROLE_TAG}` = 'pipeline'",
+        f"tags.`{KEY_TAG}` = '{key}' and tags.`{ROLE_TAG}` = 'pipeline'",
         pipeline_run_id,
         parent_tags,
     )
@@ -240,10 +258,11 @@ def start_step(
     child = _get_or_create_run(
         client,
         experiment_id,
-        f"tags.pipeline_run_id = '{quoted}' and tags.`{ROLE_TAG}` = 'step' and tags.`mlflow.runName` = '{name}'",
+        f"tags.`{KEY_TAG}` = '{key}' and tags.`{ROLE_TAG}` = 'step' and tags.`mlflow.runName` = {quote(name)}",
         name,
         {
             "pipeline_run_id": pipeline_run_id,
+            KEY_TAG: key,
             ROLE_TAG: "step",
             "step": step,
             "mlflow.parentRunId": parent.info.run_id,
@@ -256,6 +275,32 @@ def start_step(
     if params:
         tracker.log_params(params)
     return tracker
+
+
+def end_pipeline(pipeline_run_id: str, status: str, experiment: str = DEFAULT_EXPERIMENT) -> dict[str, Any]:
+    """End the pipeline run's parent run with `status` (FINISHED or FAILED), and every nested run still
+    RUNNING (a step killed before it could end its run) as FAILED. Returns what was ended."""
+    if status not in ("FINISHED", "FAILED"):
+        raise ValueError(f"status={status!r}: expected FINISHED or FAILED")
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return {"tracked": False}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = _find_runs(client, exp.experiment_id, f"tags.`{KEY_TAG}` = '{run_key(pipeline_run_id)}'") if exp else []
+    parent, ended = None, []
+    for run in runs:
+        if run.data.tags.get(ROLE_TAG) == "pipeline":
+            parent = run
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
+            ended.append(run.data.tags.get("mlflow.runName", run.info.run_id))
+    if parent is not None:
+        client.set_terminated(parent.info.run_id, status)
+    return {"tracked": True, "parent_run": parent.info.run_id if parent else None, "status": status,
+            "steps_ended_as_failed": ended}  # fmt: skip
 
 
 def log_images_dir(tracker: Tracker | NullTracker, folder: str | Path, artifact_path: str = "images") -> int:

@@ -83,11 +83,17 @@ def test_parsing_the_dags_imports_no_ml_stack_and_is_fast():
 def test_finetune_structure(finetune):
     assert finetune.schedule is None
     ids = {t.task_id for t in finetune.tasks}
-    assert ids == {"plan", "per_rank", "preprocess", "invert", "tune", "distill", "evaluate", "register"}
+    assert ids == {"plan", "per_rank", "preprocess", "invert", "tune", "distill", "evaluate", "register", "finish",
+                   "finish_failed"}  # fmt: skip
     chain = ["preprocess", "invert", "tune", "distill", "evaluate", "register"]
     for up, down in zip(chain, chain[1:], strict=False):
         assert finetune.get_task(down).upstream_task_ids >= {up}, f"{up} >> {down}"
     assert finetune.get_task("preprocess").upstream_task_ids >= {"plan", "per_rank"}
+    # the MLflow runs end with the DAG run, whichever way it ends
+    assert finetune.get_task("finish").upstream_task_ids >= {"register"}
+    assert finetune.get_task("finish").trigger_rule == "all_success"
+    failed = finetune.get_task("finish_failed")
+    assert failed.trigger_rule == "one_failed" and failed.upstream_task_ids >= set(chain)
     for step in ("preprocess", "invert", "tune", "distill", "evaluate"):
         assert finetune.get_task(step).pool == GPU_POOL, step
     assert finetune.get_task("register").pool != GPU_POOL
@@ -185,8 +191,8 @@ def test_build_commands_parse_with_the_real_step_parsers(served_params):
     import importlib
 
     cmds = build_commands("manual__x", _params(served_params, caption_model="none"), "bkt")
-    for step in ("preprocess", "invert", "tune", "distill", "evaluate", "register"):
-        module = importlib.import_module(f"steps.{step}")
+    for step in ("preprocess", "invert", "tune", "distill", "evaluate", "register", "finish", "finish_failed"):
+        module = importlib.import_module(f"steps.{step.removesuffix('_failed')}")
         for args in cmds[step] if step == "distill" else [cmds[step]]:
             module.build_parser().parse_args(args)  # argparse exits on an unknown or malformed flag
 

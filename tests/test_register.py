@@ -126,3 +126,117 @@ def test_register_errors_are_one_clear_line(tmp_path, stack_env, capsys):  # noq
     code = register.main(["--run-id", "bad", "--evaluation", str(tmp_path / "nothing"), "--model-name", "x"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--evaluation=" in err[0] and "no manifest.json" in err[0]
+
+
+@pytest.mark.parametrize("run_id", ["it's", 'say "hi"', "two words", "ünïcødé-ラン"])
+def test_odd_run_ids_retry_into_the_same_runs_and_version(tmp_path, stack_env, tiny_model, capsys, run_id):  # noqa: F811
+    from mlflow.tracking import MlflowClient
+
+    name = f"quoting-{abs(hash(run_id)) % 10**8}"
+    key = "".join(c if c.isalnum() else "-" for c in run_id.encode("ascii", "replace").decode())
+    cand = publish_candidate(tmp_path, key, tiny_model)
+    evaluation = publish_evaluation(tmp_path, key, cand, {"clip_i": 0.5, "clip_t": 0.3}, tiny_model)
+    first = run_register(run_id, evaluation, name, capsys)
+    again = run_register(run_id, evaluation, name, capsys)
+    assert again["version"] == first["version"] and again["reused"] is True
+    client = MlflowClient()
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("lora-pipeline").experiment_id],
+                                          max_results=5000) if r.data.tags.get("pipeline_run_id") == run_id]  # fmt: skip
+    roles = sorted(r.data.tags["lora_pipeline.role"] for r in runs)
+    assert roles == ["pipeline", "step"], roles  # one parent and one register run, whatever the retries
+    assert client.get_model_version(name, first["version"]).tags["pipeline_run_id"] == run_id
+
+
+def test_every_run_ends_finished_or_failed(tmp_path, stack_env, tiny_model, capsys):  # noqa: F811
+    """A failing register ends its run FAILED; a retry with bad input never re-opens the finished run; the
+    finish step ends the parent (and any step run left RUNNING by a killed step) when the DAG run ends."""
+    from mlflow.tracking import MlflowClient
+
+    from steps import finish
+    from steps.tracking import start_step
+
+    client = MlflowClient()
+    run_id, name = "status-1", "status-lora"
+    cand = publish_candidate(tmp_path, run_id, tiny_model)
+    good = publish_evaluation(tmp_path, run_id, cand, {"clip_i": 0.5, "clip_t": 0.3}, tiny_model)
+    run_register(run_id, good, name, capsys)
+
+    def runs():
+        exp = client.get_experiment_by_name("lora-pipeline").experiment_id
+        found = client.search_runs([exp], max_results=5000)
+        return {r.data.tags.get("mlflow.runName"): r.info.status for r in found
+                if r.data.tags.get("pipeline_run_id") == run_id}  # fmt: skip
+
+    assert runs()["register"] == "FINISHED"
+    # a retry with a bad promotion metric: refused before the run is touched
+    assert register.main(["--run-id", run_id, "--evaluation", good, "--model-name", name,
+                          "--promotion-metric", "nope"]) == 2  # fmt: skip
+    assert "no such metric" in capsys.readouterr().err
+    assert runs()["register"] == "FINISHED"
+    # a failure after the run started (the best candidate's files are gone): the run ends FAILED
+    bad_id = "status-2"
+    evaluation = publish_evaluation(tmp_path, bad_id, "s3://artifacts/runs/status-2/missing/",
+                                    {"clip_i": 0.9, "clip_t": 0.3}, tiny_model)  # fmt: skip
+    assert register.main(["--run-id", bad_id, "--evaluation", evaluation, "--model-name", name]) == 2
+    capsys.readouterr()
+    exp = client.get_experiment_by_name("lora-pipeline").experiment_id
+    failed = [r for r in client.search_runs([exp], max_results=5000) if r.data.tags.get("pipeline_run_id") == bad_id]
+    assert {r.data.tags["mlflow.runName"]: r.info.status for r in failed}["register"] == "FAILED"
+
+    # a step killed mid-run leaves its run RUNNING; the DAG's finish task ends everything
+    start_step("tune", run_id)
+    assert runs()["tune"] == "RUNNING" and runs()[run_id] == "RUNNING"  # the parent is named after the run id
+    assert finish.main(["--run-id", run_id, "--status", "FAILED"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["steps_ended_as_failed"] == ["tune"]
+    assert runs() == {run_id: "FAILED", "register": "FINISHED", "tune": "FAILED"}
+
+
+def test_two_concurrent_registrations_end_with_the_better_one_as_champion(tmp_path, stack_env, tiny_model):  # noqa: F811
+    """Two register processes at once, several times over: the champion is always the better version, as one
+    serialised decision in version order would give."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for trial in range(3):
+        name = f"race-{trial}"
+        evals = {}
+        for run_id, clip_i in ((f"race{trial}-a", 0.5), (f"race{trial}-b", 0.7)):
+            cand = publish_candidate(tmp_path, run_id, tiny_model)
+            evals[run_id] = publish_evaluation(tmp_path, run_id, cand, {"clip_i": clip_i, "clip_t": 0.3}, tiny_model)
+        procs = {
+            run_id: subprocess.Popen([sys.executable, "-m", "steps.register", "--run-id", run_id, "--evaluation", uri,
+                                      "--model-name", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for run_id, uri in evals.items()
+        }  # fmt: skip
+        results = {}
+        for run_id, proc in procs.items():
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-2000:]
+            results[run_id] = json.loads(out.strip().splitlines()[-1])
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert champion.tags["pipeline_run_id"] == f"race{trial}-b", (trial, results)
+        a, b = results[f"race{trial}-a"], results[f"race{trial}-b"]
+        assert b["alias"] == "champion", (trial, results)
+        # the weaker one was champion only if it came first, as in a serial order, until the better one came
+        assert a["alias"] == "challenger" or a["version"] < b["version"], (trial, results)
+        assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+
+def test_registered_model_is_logged_from_code_not_pickled(tmp_path, stack_env, tiny_model, capsys):  # noqa: F811
+    """Loading a registered version runs only the installed project's code: no pickle in the artifacts."""
+    import mlflow
+    import yaml
+
+    run_id, name = "fromcode-1", "fromcode-lora"
+    cand = publish_candidate(tmp_path, run_id, tiny_model)
+    result = run_register(run_id, publish_evaluation(tmp_path, run_id, cand, {"clip_i": 0.5}, tiny_model), name, capsys)
+    local = mlflow.artifacts.download_artifacts(result["model_uri"], dst_path=str(tmp_path / "dl"))
+    files = sorted(p.name for p in __import__("pathlib").Path(local).rglob("*") if p.is_file())
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    flavor = yaml.safe_load((__import__("pathlib").Path(local) / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "pyfunc_model.py" in files
