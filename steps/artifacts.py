@@ -72,6 +72,8 @@ class StoreConfig:
         attempts: tries per request before giving up (transient errors only).
         backoff: first wait in seconds; doubles after every failed try up to `max_backoff`.
         part_size: multipart part size in bytes (files above it are uploaded in parts).
+        read_timeout: seconds a request may wait for the server's answer before it counts as a transient
+            failure and is retried (a frozen server, a stalled connection).
     """
 
     endpoint: str
@@ -83,8 +85,11 @@ class StoreConfig:
     backoff: float = 0.5
     max_backoff: float = 8.0
     part_size: int = PART_SIZE
+    read_timeout: float = 120.0
 
     def __post_init__(self):
+        if not self.read_timeout > 0:
+            raise ValueError(f"read_timeout={self.read_timeout!r} must be > 0 seconds")
         if self.attempts < 1:
             raise ValueError(f"attempts={self.attempts!r} must be >= 1")
         if self.part_size < MIN_PART_SIZE:
@@ -103,8 +108,13 @@ class StoreConfig:
                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set in the environment to use s3:// URIs"
             )
         kwargs: dict[str, Any] = {}
-        if env.get("LORA_PIPELINE_S3_ATTEMPTS"):
-            kwargs["attempts"] = int(env["LORA_PIPELINE_S3_ATTEMPTS"])
+        for field_name, var, kind in (("attempts", "LORA_PIPELINE_S3_ATTEMPTS", int),
+                                      ("read_timeout", "LORA_PIPELINE_S3_READ_TIMEOUT", float)):  # fmt: skip
+            if env.get(var):
+                try:
+                    kwargs[field_name] = kind(env[var])
+                except ValueError:
+                    raise ValueError(f"{var}={env[var]!r} must be a {kind.__name__}") from None
         kwargs.update(overrides)
         return cls(
             endpoint=parsed.netloc,
@@ -310,7 +320,7 @@ class Store:
                 import certifi
 
                 tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": os.environ.get("SSL_CERT_FILE") or certifi.where()}
-            http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=120), retries=False, maxsize=8, **tls)
+            http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=cfg.read_timeout), retries=False, maxsize=8, **tls)
             self._client = Minio(
                 cfg.endpoint,
                 access_key=cfg.access_key,

@@ -174,3 +174,114 @@ def test_wrong_credentials_fail_the_step_with_a_clear_error(tmp_path, stack_env,
     assert code == 2 and len(err) == 1
     assert "rejected the credentials" in err[0] and "AWS_SECRET_ACCESS_KEY" in err[0]
     assert "not-the-secret-1234" not in captured.err + captured.out
+
+
+def _freeze(server, seconds: float | None):
+    """SIGSTOP the S3 server's processes (requests hang, connections stay open); SIGCONT after `seconds`."""
+    os.killpg(server.proc.pid, signal.SIGSTOP)
+    if seconds is not None:
+        threading.Timer(seconds, lambda: os.killpg(server.proc.pid, signal.SIGCONT)).start()
+
+
+def test_s3_frozen_longer_than_the_read_timeout_is_retried(tmp_path, own_s3, monkeypatch, capfd):
+    src = _many_files(tmp_path / "out", n=2, size=1024)
+    out = "s3://artifacts/runs/frozen/tune/"
+    publish(src, out, step="tune", run_id="frozen", inputs={}, parameters={}, result={})
+    store = Store(StoreConfig.from_env(read_timeout=1.0, attempts=6, backoff=0.5))
+    _freeze(own_s3["server"], 4.0)  # four read timeouts' worth
+    t0 = time.monotonic()
+    got = fetch(out, tmp_path / "got", store=store, require_manifest=True)
+    assert time.monotonic() - t0 >= 3.0 and sorted(p.name for p in got.path.iterdir()) == ["part0.bin", "part1.bin"]
+    assert "ReadTimeoutError" in capfd.readouterr().err  # each timed-out request was logged and retried
+
+
+def test_s3_frozen_for_good_fails_the_step_with_exit_3(tmp_path, own_s3, monkeypatch, capsys):
+    monkeypatch.setenv("LORA_PIPELINE_S3_READ_TIMEOUT", "1")
+    monkeypatch.setenv("LORA_PIPELINE_S3_ATTEMPTS", "2")
+    _freeze(own_s3["server"], None)
+    try:
+        code = distill.main(["--run-id", "fz", "--lora", "s3://artifacts/runs/fz/tune/", "--rank", "1",
+                             "--out", "s3://artifacts/runs/fz/distill/"])  # fmt: skip
+    finally:
+        os.killpg(own_s3["server"].proc.pid, signal.SIGCONT)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and err[-1].startswith("distill: storage unavailable:") and "after 2 attempts" in err[-1]
+
+
+def test_missing_bucket_is_one_clear_line(tmp_path, stack_env, capsys):  # noqa: F811
+    code = distill.main(["--run-id", "nb", "--lora", "s3://no-such-bucket-here/runs/nb/tune/", "--rank", "1",
+                         "--out", str(tmp_path / "d")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "s3://no-such-bucket-here/runs/nb/tune/" in err[0] and ("NoSuchBucket" in err[0] or "no manifest" in err[0])
+
+
+def test_mlflow_down_exits_3(tmp_path, stack_env, tiny_model, monkeypatch, capsys):  # noqa: F811
+    from stack_fixtures import free_ports
+
+    folder = tmp_path / "tune"
+    folder.mkdir()
+    make_lora(tiny_model, folder / "lora.safetensors")
+    out = "s3://artifacts/runs/mlflow-down/tune/"
+    publish(folder, out, step="tune", run_id="mlflow-down", inputs={}, parameters={}, result={})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_ports(1)[0]}")  # nothing listens there
+    code = distill.main(["--run-id", "mlflow-down", "--lora", out, "--rank", "1", "--out",
+                         "s3://artifacts/runs/mlflow-down/distill/"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and "MLflow unreachable" in err[-1], err[-3:]
+    assert read_manifest("s3://artifacts/runs/mlflow-down/distill/") is None
+
+
+def test_publish_removes_a_stale_manifest_before_uploading(tmp_path, own_s3, monkeypatch):
+    """A prefix that held an earlier output must not look complete while new files replace the old ones."""
+    out = "s3://artifacts/runs/stale/tune/"
+    old = _many_files(tmp_path / "old", n=2, size=1024)
+    publish(old, out, step="tune", run_id="stale", inputs={}, parameters={"v": 1}, result={})
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(4):
+        (new / f"part{i}.bin").write_bytes(os.urandom(2048))
+    _kill_on_upload(monkeypatch, own_s3, at=3, restart_after=None)
+    store = Store(StoreConfig.from_env(attempts=2, backoff=0.1))
+    with pytest.raises(StorageError):
+        publish(new, out, step="tune", run_id="stale", inputs={}, parameters={"v": 2}, result={}, store=store)
+    own_s3["server"] = start_seaweedfs(**own_s3["server"].restart_args)
+    # part0/part1 were replaced by new bytes: the old manifest would now vouch for files it never listed
+    assert read_manifest(out) is None
+    with pytest.raises(IntegrityError, match="no manifest.json there"):
+        fetch(out, tmp_path / "got", name="--lora", require_manifest=True)
+
+
+def test_two_tune_steps_at_once_on_the_same_run(tmp_path, stack_env, tiny_model):  # noqa: F811
+    """An Airflow retry racing a zombie attempt: both finish, and the output verifies against its manifest."""
+    from test_steps import raw_images, upload_folder
+
+    from steps.artifacts import verify
+
+    dataset_dir = raw_images(tmp_path / "raw", n=2)
+    for p in dataset_dir.glob("*.png"):
+        p.with_suffix(".txt").write_text("a photo of <s1>")
+    dataset = upload_folder(stack_env, dataset_dir, "artifacts", "datasets/twotune")
+    base = upload_folder(stack_env, tiny_model, "models", "tiny-twotune")
+    tokens_dir = tmp_path / "tokens"
+    tokens_dir.mkdir()
+    from lora_ops import LoraFile, save_lora
+
+    save_lora(tokens_dir / "lora.safetensors", LoraFile(tokens={"<s1>": torch.randn(32)}))
+    tokens = "s3://artifacts/runs/twotune/invert/"
+    publish(tokens_dir, tokens, step="invert", run_id="twotune", inputs={}, parameters={}, result={})
+    out = "s3://artifacts/runs/twotune/tune/"
+    argv = [sys.executable, "-m", "steps.tune", "--run-id", "twotune", "--dataset", dataset, "--tokens", tokens,
+            "--base-model", base, "--out", out, "--steps", "3", "--rank", "2", "--resolution", "32",
+            "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "LORA_PIPELINE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-2000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    manifest = verify(out)  # every listed file is there with its size and sha256
+    assert manifest["step"] == "tune" and any(f["path"] == "lora.safetensors" for f in manifest["files"])
+    assert {r["manifest_sha256"] for r in results if not r["reused"]} or all(r["reused"] for r in results)

@@ -43,9 +43,13 @@ def raw_images(folder, n=3, seed=0):
     return folder
 
 
+PRINTED: list[str] = []  # everything the steps printed, for the secret-value check
+
+
 def call(module, argv, capsys):
     code = module.main(argv)
     captured = capsys.readouterr()
+    PRINTED.extend([captured.out, captured.err])
     assert code == 0, captured.err[-3000:]
     return json.loads(captured.out.strip().splitlines()[-1])
 
@@ -118,6 +122,16 @@ def test_chain_preprocess_to_register(tmp_path, stack_env, tiny_model, vision_mo
     gifs = [a.path for d in logged for a in client.list_artifacts(children["evaluate"].info.run_id, d)
             if a.path.endswith(".gif")]  # fmt: skip
     assert gifs, f"no alpha-sweep GIF among {logged}"
+
+    # secret values (not only their names) appear nowhere: MLflow params and tags, manifests, output, XCom
+    secrets = [stack_env["AWS_SECRET_ACCESS_KEY"], stack_env["AWS_ACCESS_KEY_ID"]]
+    texts = [json.dumps({"params": r.data.params, "tags": r.data.tags}) for r in found]
+    texts += [json.dumps(dict(mv.tags))]
+    for prefix in (pre["out"], inv["out"], tun["out"], dis["out"], ev["out"]):
+        texts.append(json.dumps(read_manifest(prefix)[0]))
+    texts += [*PRINTED, (xcom / "return.json").read_text()]
+    leaked = [s for s in secrets for t in texts if s in t]
+    assert not leaked, "a credential value was recorded"
 
 
 def test_step_command_line_and_clear_errors(tmp_path, stack_env, capsys):  # noqa: F811
