@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= train,preprocess,pipeline,airflow,deploy,dev
 OUT ?= out
 
-.PHONY: install test test-fast lint format demo demo-library bench bench-quality shapes-pretrain up down airflow images clean
+.PHONY: install test test-fast lint format demo demo-library bench bench-quality load-check shapes-pretrain up down airflow images clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: $(STAMP)
 # what each recipe teaches the shapes world (docs/quality.md); about an hour on 2 CPU cores
 bench-quality: $(STAMP)
 	$(PY) benchmarks/quality.py --out $(OUT)/bench-quality
+
+# N concurrent lora_finetune runs through Airflow on the local stack (docs/steps.md, "Load check")
+load-check: $(STAMP)
+	$(PY) scripts/load_check.py --runs 6 --out $(OUT)/load-check
 
 # rebuild the shipped shapes-world models (seeded; see docs/quality.md for its wall time)
 shapes-pretrain: $(STAMP)

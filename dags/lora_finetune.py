@@ -173,6 +173,15 @@ PARAMS = {
     "eval_inference_steps": Param(
         30, type="integer", minimum=1, maximum=200, title="Sampling steps of the evaluation", section="Evaluation"
     ),
+    "eval_guidance_scale": Param(
+        7.5,
+        type="number",
+        minimum=0,
+        maximum=30,
+        title="Guidance scale of the evaluation",
+        description="Classifier-free guidance of the evaluation images (the shapes world draws best at 5).",
+        section="Evaluation",
+    ),
     "eval_sweep_steps": Param(
         5,
         type="integer",
@@ -246,6 +255,7 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
         evaluate += ["--lora", distill_out[r]]
     evaluate += ["--seed", str(params["seed"]), "--resolution", str(params["resolution"])]
     evaluate += ["--num-inference-steps", str(params["eval_inference_steps"])]
+    evaluate += ["--guidance-scale", str(params.get("eval_guidance_scale", 7.5))]
     evaluate += ["--sweep-steps", str(params["eval_sweep_steps"]), "--select-metric", params["promotion_metric"]]
     for flag in ("clip_model", "dino_model", "class_word"):
         if params[flag]:

@@ -149,6 +149,21 @@ def _pti_dataset(config: PTIConfig, tokens: list[str]) -> ImageDataset:
     return dataset
 
 
+def _prior_dataset(config: PTIConfig) -> ImageDataset:
+    """The regularization images of phase 2, with their own captions (no template, no token map)."""
+    return ImageDataset(
+        DatasetConfig(
+            data_dir=config.prior_data_dir,
+            resolution=config.resolution,
+            template="none",
+            crop=config.crop,
+            flip=config.horizontal_flip,
+            inpainting=config.train_inpainting,
+            on_bad_files=config.on_bad_files,
+        )
+    )
+
+
 def inversion_phase(trainee: Trainee, token_ids: Sequence[int]) -> tuple[Phase, TokenEmbedding]:
     """Wrap the token embedding so that only the rows of `token_ids` train; the phase-1 Phase."""
     config = trainee.config
@@ -241,10 +256,13 @@ def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, c
             token_embedding=wrapper,
             step_offset=config.max_train_steps_ti if "inversion" in phases else 0,
         )
+        sources = [Source(dataset)]
+        if config.prior_data_dir:
+            sources.append(Source(_prior_dataset(config), config.prior_loss_weight))
         metrics |= run_phase(
             trainee,
             phase,
-            [Source(dataset)],
+            sources,
             lambda: current_lora(trainee, tokens, wrapper, meta),
             callback,
             state if resumed_tuning else None,

@@ -243,6 +243,11 @@ class PTIConfig(TrainConfig):
         continue_inversion: keep training the tokens in phase 2, at `continue_inversion_lr`
             (None = learning_rate_ti).
         lr_scheduler_lora, lr_warmup_steps_lora: schedule of phase 2.
+        prior_data_dir: a folder of regularization images with their own captions (`name.txt`: images of
+            what the model should keep drawing, e.g. its class in other contexts; kohya's reg images). Each
+            phase-2 batch holds as many of them as instance images, their loss weighted by
+            `prior_loss_weight`: LoRA learns the concept without redrawing everything else as it.
+        prior_loss_weight: weight of the regularization images' loss.
     """
 
     placeholder_tokens: str = "<s>"
@@ -260,6 +265,8 @@ class PTIConfig(TrainConfig):
     ti_target_norm: float | None = None
     continue_inversion: bool = False
     continue_inversion_lr: float | None = None
+    prior_data_dir: str | None = None
+    prior_loss_weight: float = 1.0
     lr_scheduler_lora: Scheduler = "linear"
     lr_warmup_steps_lora: int = 0
 
@@ -287,6 +294,9 @@ class PTIConfig(TrainConfig):
         _check_float("continue_inversion_lr", self.continue_inversion_lr, 0.0, allow_none=True)
         _check_choice("lr_scheduler_lora", self.lr_scheduler_lora, SCHEDULERS)
         _check_int("lr_warmup_steps_lora", self.lr_warmup_steps_lora, 0)
+        _check_float("prior_loss_weight", self.prior_loss_weight, 0.0)
+        if self.prior_data_dir is not None and not Path(self.prior_data_dir).is_dir():
+            raise FileNotFoundError(f"prior_data_dir={self.prior_data_dir!r}: no such folder")
         if not self.perform_inversion and not self.perform_tuning:
             raise ValueError("perform_inversion and perform_tuning are both false: nothing to train")
 

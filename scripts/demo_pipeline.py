@@ -74,6 +74,8 @@ def prepare_inputs(work: Path, bucket: str) -> dict[str, str]:
 
 def demo_conf(inputs: dict[str, str], model_name: str, **overrides) -> dict:
     """A `lora_finetune` conf for the new subject on the shapes world: the benchmark's "pti" recipe."""
+    from lora_ops.shapes.quality import GUIDANCE, STEPS
+
     recipe = _recipe()
     conf = {
         "dataset_uri": inputs["dataset_uri"],
@@ -92,7 +94,8 @@ def demo_conf(inputs: dict[str, str], model_name: str, **overrides) -> dict:
         "classifier_target": "shape=ring",
         "class_word": "",
         "eval_prompts": [f"a {c} {{token}} circle" for c in COLOURS],
-        "eval_inference_steps": 20,
+        "eval_inference_steps": STEPS,
+        "eval_guidance_scale": GUIDANCE,
         "eval_sweep_steps": 5,
         "ranks": [recipe.rank],
         "tune_rank": recipe.rank,
@@ -114,12 +117,14 @@ def demo_conf(inputs: dict[str, str], model_name: str, **overrides) -> dict:
 PROGRESS = re.compile(r"\[DAG TEST\] (starting|end task) task_id=(\S+) map_index=(-?\d+)")
 
 
-def run_finetune(conf: dict, env: dict[str, str], log_path: Path, echo=print) -> str:
-    """`airflow dags test lora_finetune -c CONF`; progress lines on `echo`, the full log in `log_path`.
+def run_finetune(conf: dict, env: dict[str, str], log_path: Path, echo=print, logical_date: str | None = None) -> str:
+    """`airflow dags test lora_finetune -c CONF [LOGICAL_DATE]`; progress lines on `echo`, the full log in
+    `log_path`. Runs started at the same moment need distinct `logical_date`s (the run id is made from it).
 
     Returns the Airflow run id; raises RuntimeError (with the log's tail) when the run fails.
     """
     cmd = [str(Path(sys.executable).parent / "airflow"), "dags", "test", "lora_finetune", "-c", json.dumps(conf)]
+    cmd += [logical_date] if logical_date else []
     run_id, t0 = None, time.monotonic()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -175,9 +180,10 @@ def registered_version(model_name: str, run_id: str, tracking_uri: str):
     """The model version the run registered, and the current champion version."""
     from mlflow import MlflowClient
 
+    from steps.tracking import KEY_TAG, quote, run_key
+
     client = MlflowClient(tracking_uri)
-    quoted = run_id.replace("'", "\\'")
-    (mv,) = client.search_model_versions(f"name = '{model_name}' and tags.pipeline_run_id = '{quoted}'")
+    (mv,) = client.search_model_versions(f"name = {quote(model_name)} and tags.`{KEY_TAG}` = '{run_key(run_id)}'")
     champion = client.get_model_version_by_alias(model_name, "champion")
     return client.get_model_version(model_name, mv.version), champion
 

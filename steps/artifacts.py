@@ -320,7 +320,9 @@ class Store:
                 import certifi
 
                 tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": os.environ.get("SSL_CERT_FILE") or certifi.where()}
-            http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=cfg.read_timeout), retries=False, maxsize=8, **tls)
+            http = urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=10, read=cfg.read_timeout), retries=False, maxsize=8, **tls
+            )
             self._client = Minio(
                 cfg.endpoint,
                 access_key=cfg.access_key,

@@ -2,7 +2,7 @@
 
     python -m steps.evaluate --run-id RUN_ID --dataset URI --base-model REF --lora URI [--lora URI ...] --out URI
         [--prompts P ...] [--scales S ...] [--seed N ...] [--clip-model ID] [--dino-model ID]
-        [--class-word WORD] [--num-inference-steps N] [--resolution N] [--select-metric clip_i|clip_t|dino]
+        [--class-word WORD] [--num-inference-steps N] [--guidance-scale G] [--resolution N] [--select-metric clip_i|clip_t|dino]
         [--sweep-steps N] [--classifier-model DIR [--classifier-target shape=ring]]
 
 Each `--lora` is the output prefix of tune or distill. Writes `metrics.json`, `comparison.png`,
@@ -38,6 +38,7 @@ def build_parser():
     p.add_argument("--dino-model", default=None, help="DINO model for the DINO score (optional)")
     p.add_argument("--class-word", default="", help='the subject\'s class, e.g. "dog"')
     p.add_argument("--num-inference-steps", type=int, default=30)
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--classifier-model", default=None,
                    help="shapes-world evaluator folder (optional accuracy metrics)")  # fmt: skip
@@ -80,6 +81,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "classifier_target": args.classifier_target,
         "class_word": args.class_word,
         "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
         "resolution": args.resolution,
         "select_metric": args.select_metric,
         "sweep_steps": args.sweep_steps,
@@ -126,6 +128,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     scales=args.scales,
                     seeds=args.seed,
                     num_inference_steps=args.num_inference_steps,
+                    guidance_scale=args.guidance_scale,
                     height=args.resolution,
                     width=args.resolution,
                     sweep_steps=args.sweep_steps,

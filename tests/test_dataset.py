@@ -177,3 +177,15 @@ def test_batch_sampler_covers_epochs_and_resumes():
     again = BatchSampler(5, 2, seed=99)
     again.load_state_dict(state)
     assert [again.next() for _ in range(4)] == after
+
+
+def test_caption_that_is_not_utf8_is_named(tmp_path):
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_text("a red square", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"a gr\xfcn square")  # Latin-1
+    with pytest.raises(ValueError, match=r"b\.txt: caption file is not UTF-8 text"):
+        scan_folder(tmp_path)
+    with pytest.warns(UserWarning, match="b.txt"):
+        examples = scan_folder(tmp_path, on_bad_files="skip")
+    assert [e.caption for e in examples] == ["a red square"]

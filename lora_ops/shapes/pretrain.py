@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..losses import min_snr_weights, per_sample_mse, prediction_target
 from ..preprocess import sha256_file
 from ..tiny import SCHEDULER_DEFAULTS, write_byte_level_tokenizer
 from .evaluator import NONE, EvaluatorConfig, ShapesEvaluator
@@ -76,11 +77,16 @@ TEXT_CONFIG = dict(
     eos_token_id=VOCAB_SIZE - 1,
     pad_token_id=VOCAB_SIZE - 1,
 )
-# SD's schedule. At 16x16 latents the mean of the noise (std 1/16) is about as large as the terminal signal
-# (sqrt(alpha_bar_T) = 0.068), which is the likely cause of the base's washed-out, wrong-coloured samples on
-# some seeds; a schedule ending at beta 0.02 (0.015) was measured worse (known accuracy 0.31 against 0.62:
-# DDIM's first steps amplify the UNet's errors), so SD's own stays until v-prediction is tried.
-SCHEDULER_CONFIG = {k: v for k, v in SCHEDULER_DEFAULTS.items() if k != "_class_name"} | {"prediction_type": "epsilon"}
+# SD's betas with a zero terminal SNR (Lin et al. 2024) and v-prediction. With SD's own schedule the terminal
+# signal (sqrt(alpha_bar_T) = 0.068) times the latents' per-image mean (std 0.8 in one channel: the
+# background) is as large as the mean of 16x16 noise (std 1/16), so the UNet learned to read the background
+# and colour off the noise's mean, and drew washed-out or wrong-coloured images from the seeds whose mean
+# pointed the wrong way (known accuracy 0.62-0.72; a schedule ending at beta 0.02 was worse, 0.31).
+SCHEDULER_CONFIG = {k: v for k, v in SCHEDULER_DEFAULTS.items() if k != "_class_name"} | {
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+}
 # the scorers: 32 px in 4 px patches
 SCORER_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                      image_size=SIZE, patch_size=4)  # fmt: skip
@@ -327,8 +333,6 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, rng: np.random.Generator, ge
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
-    alphas = noise_scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)  # (1000,)
     params = [{"params": unet.parameters(), "lr": 6e-4}, {"params": text_encoder.parameters(), "lr": 3e-4}]
     opt = torch.optim.AdamW(params, weight_decay=1e-2)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -349,8 +353,8 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, rng: np.random.Generator, ge
         noisy = noise_scheduler.add_noise(latents, noise, t)
         hidden = text_encoder(ids[cap])[0]
         pred = unet(noisy, t, hidden).sample
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
+        target = prediction_target(noise_scheduler, latents, noise, t)
+        loss = (min_snr_weights(noise_scheduler, t, 5.0) * per_sample_mse(pred, target)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
@@ -377,6 +381,11 @@ def save_pipeline(directory: Path, vae, unet, text_encoder, tokenizer) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(directory, safe_serialization=True)
+    # a model loaded from disk (a partial rebuild) records where it came from: keep the folder portable
+    for config in Path(directory).glob("*/config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return directory
 
 

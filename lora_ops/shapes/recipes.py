@@ -39,6 +39,9 @@ class RecipeConfig:
         seed: seed of the training run.
         token: the learned token of the PTI recipes and the peers (e.g. "<s2>" for a second concept that
             will be merged with a first one).
+        prior_per_concept: regularization images per known concept in the LoRA phase of the PTI recipes
+            (rendered known concepts with their captions, `PTIConfig.prior_data_dir`); 0: none.
+        prior_loss_weight: weight of those images' loss.
         progress: progress bars.
     """
 
@@ -51,6 +54,8 @@ class RecipeConfig:
     train_text_encoder: bool = False
     seed: int = 0
     token: str = "<s1>"
+    prior_per_concept: int = 2
+    prior_loss_weight: float = 1.0
     progress: bool = False
 
     def __post_init__(self):
@@ -58,6 +63,8 @@ class RecipeConfig:
             raise ValueError(f"steps={self.steps!r} must be an integer >= 2")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank={self.rank!r} must be a positive integer")
+        if not isinstance(self.prior_per_concept, int) or self.prior_per_concept < 0:
+            raise ValueError(f"prior_per_concept={self.prior_per_concept!r} must be an integer >= 0")
 
 
 def token_for(recipe: str, config: RecipeConfig | None = None) -> str:
@@ -118,6 +125,11 @@ def train_recipe(
     half = cfg.steps // 2
     steps_ti = {"ti": cfg.steps, "lora": 0}.get(recipe, half)
     steps_lora = {"ti": 0, "lora": cfg.steps}.get(recipe, cfg.steps - half)
+    prior = None
+    if cfg.prior_per_concept and steps_lora:
+        from .world import write_prior_dataset
+
+        prior = str(write_prior_dataset(output_dir / "prior", cfg.prior_per_concept, seed=cfg.seed))
     pti = PTIConfig(
         **shared,
         placeholder_tokens=cfg.token,
@@ -129,6 +141,8 @@ def train_recipe(
         max_train_steps_tuning=steps_lora,
         learning_rate_ti=cfg.learning_rate_ti,
         use_extended_lora=recipe == "pti_extended",
+        prior_data_dir=prior,
+        prior_loss_weight=cfg.prior_loss_weight,
     )
     return train_pti(pti).path
 

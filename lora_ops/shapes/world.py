@@ -317,3 +317,9 @@ def write_concept_dataset(name: str, directory: str | Path, seed: int = 0) -> Pa
     """The instance images of the held-out concept `name` (with captions) in `directory`."""
     concept = get_concept(name)
     return write_images(concept.instances, directory, seed=seed + 1000, prefix=concept.name)
+
+
+def write_prior_dataset(directory: str | Path, per_concept: int = 2, seed: int = 0) -> Path:
+    """Regularization images for fine-tuning: every known concept `per_concept` times, with captions (what
+    the model must keep drawing while it learns a held-out concept; PTIConfig.prior_data_dir)."""
+    return write_images(known_specs() * per_concept, directory, seed=seed + 2000, prefix="prior")
