@@ -123,8 +123,9 @@ def run_finetune(conf: dict, env: dict[str, str], log_path: Path, echo=print, lo
 
     Returns the Airflow run id; raises RuntimeError (with the log's tail) when the run fails.
     """
-    cmd = [str(Path(sys.executable).parent / "airflow"), "dags", "test", "lora_finetune", "-c", json.dumps(conf)]
-    cmd += [logical_date] if logical_date else []
+    # the logical date right after the DAG id: argparse matches the optional positional only there
+    date = [logical_date] if logical_date else []
+    cmd = [str(Path(sys.executable).parent / "airflow"), "dags", "test", "lora_finetune", *date, "-c", json.dumps(conf)]
     run_id, t0 = None, time.monotonic()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:

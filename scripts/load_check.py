@@ -82,7 +82,10 @@ def load_check(n: int, env: dict[str, str], inputs: dict[str, str], work: Path, 
 
     work.mkdir(parents=True, exist_ok=True)
     template = work / "airflow-template"
-    demo_pipeline.airflow_setup({**env, "AIRFLOW_HOME": str(template)}, echo=echo)
+    shutil.rmtree(template, ignore_errors=True)
+    demo_pipeline.airflow_setup({**env, "AIRFLOW_HOME": str(template),
+                                 "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{template / 'airflow.db'}"},
+                                echo=echo)  # fmt: skip
     conf = quick_conf(inputs, model_name)
     start = datetime.now(timezone.utc).replace(microsecond=0)
     results: dict[int, dict] = {}
@@ -90,8 +93,13 @@ def load_check(n: int, env: dict[str, str], inputs: dict[str, str], work: Path, 
     def one(i: int) -> None:
         home = work / f"airflow-{i}"
         shutil.rmtree(home, ignore_errors=True)
-        shutil.copytree(template, home)  # the migrated database and the pool, without migrating again
-        run_env = {**env, "AIRFLOW_HOME": str(home)}
+        home.mkdir(parents=True)
+        shutil.copyfile(template / "airflow.db", home / "airflow.db")  # migrated, with the pool: no migration
+        run_env = {
+            **env,
+            "AIRFLOW_HOME": str(home),  # airflow.cfg is written anew there (the template's names its own paths)
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        }
         date = (start + timedelta(seconds=i)).isoformat()
         t0 = time.monotonic()
         try:
@@ -119,7 +127,8 @@ def load_check(n: int, env: dict[str, str], inputs: dict[str, str], work: Path, 
             problems[i] = found
     client = MlflowClient(tracking)
     versions = client.search_model_versions(f"name = '{model_name}'")
-    champions = [v.version for v in versions if "champion" in v.aliases]
+    # search results carry no aliases: read each version
+    champions = [v.version for v in versions if "champion" in client.get_model_version(model_name, v.version).aliases]
     if len(champions) != 1:
         problems["model"] = [f"{len(champions)} champions among {len(versions)} versions"]
     run_ids = [r["run_id"] for r in results.values() if r["run_id"]]
