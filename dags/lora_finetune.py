@@ -46,7 +46,7 @@ PARAMS = {
         section="Data and model",
     ),
     "base_model": Param(
-        "runwayml/stable-diffusion-v1-5",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
         type="string",
         minLength=1,
         title="Base model",

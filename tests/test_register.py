@@ -240,3 +240,22 @@ def test_registered_model_is_logged_from_code_not_pickled(tmp_path, stack_env, t
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
     flavor = yaml.safe_load((__import__("pathlib").Path(local) / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "pyfunc_model.py" in files
+
+
+def test_lora_registry_without_the_pipeline_extra_says_which_extra(tmp_path):
+    """Without MLflow installed the console script answers with one line naming the extra, no traceback."""
+    import subprocess
+    import sys
+
+    blocker = (  # this interpreter, as if mlflow were not installed
+        "import importlib.util, sys\n"
+        "_find = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'mlflow' else _find(name, *a)\n"
+        "from steps.registry_cli import main\n"
+        "sys.exit(main(['get', 'x@champion', '--out', 'o']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (
+        "lora-registry: needs mlflow, which come with the pipeline extra: pip install 'lora-pipeline[pipeline]'"
+    )

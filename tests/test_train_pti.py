@@ -320,10 +320,12 @@ def test_cli_runs_the_original_readme_command(tiny_model, tmp_path):
         "--device=cpu",
         "--lora_rank=1",
         "--eval_noises=0",
+        "--enable_xformers_memory_efficient_attention",  # in the original README's command: accepted, noted
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scaled-dot-product attention (SDPA) is always used" in proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     lora = load_lora(report["path"])
     assert lora.unet and lora.text_encoder and list(lora.tokens) == ["<s1>", "<s2>"]

@@ -104,8 +104,39 @@ def _report(result) -> None:
     )
 
 
+XFORMERS_NOTE = (
+    "note: --enable_xformers_memory_efficient_attention is accepted for the original lora_pti's command "
+    "lines and does nothing: PyTorch's scaled-dot-product attention (SDPA) is always used, as memory-"
+    "efficient as xformers"
+)
+
+
+def _add_compat_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the original trainers that have no effect here, accepted so their command lines run."""
+    parser.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        "--enable-xformers-memory-efficient-attention",
+        dest="enable_xformers",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_bool,
+        metavar="BOOL",
+        help="accepted and ignored: PyTorch SDPA attention is always used (the original needed xformers)",
+    )
+
+
+def _compat_notes(args) -> None:
+    if getattr(args, "enable_xformers", False):
+        import sys
+
+        print(XFORMERS_NOTE, file=sys.stderr)
+
+
 def run_pti(args) -> int:
     from ..train import run_tuning, train_pti
+
+    _compat_notes(args)
 
     config = build_config(PTIConfig, args)
     result = run_tuning(config, args.tokens_from) if args.tokens_from else train_pti(config)
@@ -116,6 +147,7 @@ def run_pti(args) -> int:
 def run_dreambooth(args) -> int:
     from ..dreambooth import train_dreambooth
 
+    _compat_notes(args)
     _report(train_dreambooth(build_config(DreamBoothConfig, args)))
     return 0
 
@@ -131,6 +163,7 @@ def register(sub) -> None:
     pti.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     pti.add_argument("--tokens_from", "--tokens-from", help="run phase 2 only, from this phase-1 output file")
     add_config_flags(pti, PTIConfig)
+    _add_compat_flags(pti)
     pti.set_defaults(func=run_pti)
     db = trainers.add_parser(
         "dreambooth",
@@ -139,4 +172,5 @@ def register(sub) -> None:
     )
     db.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     add_config_flags(db, DreamBoothConfig)
+    _add_compat_flags(db)
     db.set_defaults(func=run_dreambooth)
