@@ -29,14 +29,15 @@ def token_file_name(token: str) -> str:
 
 
 def export_diffusers(
-    lora: LoraFile, out_dir: str | Path, weight_name: str = WEIGHT_NAME, tokens: bool = True
+    lora: LoraFile, out_dir: str | Path, weight_name: str = WEIGHT_NAME, tokens: bool = True, token_prefix: str = ""
 ) -> dict[str, Path]:
     """Write the diffusers files for `lora` into `out_dir`; returns {"lora": path, <token>: path, …}.
 
-    Each token file holds `{"emb_params": (1, dim)}`; load it with `load_textual_inversion(path, token=t)`.
+    Each token file (`<token_prefix><token>.safetensors`) holds `{"emb_params": (1, dim)}`; load it with
+    `load_textual_inversion(path, token=t)`.
     """
     out_dir = Path(out_dir)
-    names = [token_file_name(t) for t in lora.tokens]
+    names = [token_prefix + token_file_name(t) for t in lora.tokens]
     if len(set(names)) != len(names):
         raise ValueError(f"tokens {list(lora.tokens)} map to clashing file names {names}")
     paths: dict[str, Path] = {}

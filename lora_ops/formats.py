@@ -239,7 +239,8 @@ def save_a1111_embedding(path: str | Path, tokens: Mapping[str, torch.Tensor]) -
 
 def write_any(path: str | Path, lora: LoraFile, fmt: str, base: Any = None) -> Path:
     """Write `lora` in format `fmt` (atomically). lora_diffusion needs `base`; diffusers writes a folder
-    (LoRA + one embedding per token) unless `path` ends in `.safetensors`."""
+    (LoRA + one embedding per token) unless `path` ends in `.safetensors` (then the tokens go beside it as
+    `<stem>.<token>.safetensors`)."""
     from .diffusers_export import export_diffusers
     from .legacy import write_legacy
 
@@ -249,7 +250,8 @@ def write_any(path: str | Path, lora: LoraFile, fmt: str, base: Any = None) -> P
         return save_lora(path, lora)
     if fmt == "diffusers":
         if path.suffix == ".safetensors":
-            return export_diffusers(lora, path.parent, weight_name=path.name, tokens=False)["lora"]
+            # one file holds the LoRA only; the learned tokens go beside it (`out.s1.safetensors`), never dropped
+            return export_diffusers(lora, path.parent, weight_name=path.name, token_prefix=f"{path.stem}.")["lora"]
         return export_diffusers(lora, path)["lora"]
     if fmt == "kohya":
         tensors = {

@@ -188,3 +188,24 @@ def test_convert_cli_native_to_kohya_to_native(lora, pipe, tmp_path):
     assert cli(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
     assert cli(["convert", str(tmp_path / "k.safetensors"), str(tmp_path / "b.safetensors"), "--to", "native"]) == 0
     _same(load_lora(tmp_path / "b.safetensors").state_dict(), lora.state_dict())
+
+
+def test_convert_to_one_diffusers_file_keeps_the_tokens_beside_it(tiny_model, pipe, lora, tmp_path, capsys):
+    """`convert --to diffusers out.safetensors` writes the tokens as `out.<token>.safetensors` (never drops them),
+    and diffusers' loaders on those files give our image."""
+    native = save_lora(tmp_path / "n.safetensors", lora)
+    out = tmp_path / "exp" / "my.safetensors"
+    assert cli(["convert", str(native), str(out), "--to", "diffusers"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["my.s1.safetensors", "my.s2.safetensors", "my.safetensors"]
+    assert all(f"token {t}:" in printed for t in lora.tokens)
+    theirs = load_pipeline(tiny_model)
+    theirs.load_lora_weights(str(out.parent), weight_name=out.name)
+    for token in lora.tokens:
+        theirs.load_textual_inversion(str(out.parent / f"my.{token.strip('<>')}.safetensors"), token=token)
+    patch_pipeline(pipe, lora, adapter_name="one-file")
+    try:
+        ours = run_pipe(pipe)
+    finally:
+        remove_lora(pipe, "one-file")
+    np.testing.assert_allclose(run_pipe(theirs), ours, atol=1e-5)

@@ -11,6 +11,13 @@ def run(args) -> int:
     lora = read_any(args.input, base=args.base, token=args.token)
     path = write_any(args.output, lora, args.to, base=args.base)
     print(f"{lora.metadata.get('source_format', 'native')} -> {args.to}: {path}")
+    if args.to == "diffusers" and str(args.output).endswith(".safetensors") and lora.tokens:
+        from ..diffusers_export import token_file_name
+
+        stem = path.with_suffix("").name
+        for token in lora.tokens:
+            print(f"token {token}: {path.parent / (stem + '.' + token_file_name(token))} "
+                  f"(pipe.load_textual_inversion(file, token={token!r}))")  # fmt: skip
     return 0
 
 
@@ -24,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("input", help="input file (format detected from metadata and keys)")
     p.add_argument(
         "output",
-        help="output file; for --to diffusers a folder (LoRA + one embedding per token) unless it ends in .safetensors",
+        help="output file; for --to diffusers a folder (LoRA + one embedding per token), or a .safetensors file "
+        "with the tokens beside it as <stem>.<token>.safetensors",
     )
     p.add_argument("--to", choices=FORMATS, required=True, help="output format")
     p.add_argument("--base", help="base model folder: needed for lora_diffusion in or out; checks shapes when given")
