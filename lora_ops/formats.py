@@ -237,7 +237,10 @@ def save_a1111_embedding(path: str | Path, tokens: Mapping[str, torch.Tensor]) -
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def write_any(path: str | Path, lora: LoraFile, fmt: str, base: Any = None) -> Path:
+TOKEN_MODES = ("bundle", "separate", "none")
+
+
+def write_any(path: str | Path, lora: LoraFile, fmt: str, base: Any = None, tokens: str = "bundle") -> Path:
     """Write `lora` in format `fmt` (atomically). lora_diffusion needs `base`; diffusers writes a folder
     (LoRA + one embedding per token) unless `path` ends in `.safetensors` (then the tokens go beside it as
     `<stem>.<token>.safetensors`)."""
@@ -253,10 +256,18 @@ def write_any(path: str | Path, lora: LoraFile, fmt: str, base: Any = None) -> P
             # one file holds the LoRA only; the learned tokens go beside it (`out.s1.safetensors`), never dropped
             return export_diffusers(lora, path.parent, weight_name=path.name, token_prefix=f"{path.stem}.")["lora"]
         return export_diffusers(lora, path)["lora"]
+    if tokens not in TOKEN_MODES:
+        raise ValueError(f"tokens={tokens!r} is not one of {TOKEN_MODES}")
     if fmt == "kohya":
-        tensors = {
-            k: v.detach().float().cpu().contiguous() for k, v in convert_native_to_kohya(lora.state_dict()).items()
-        }
+        # bundle: A1111 reads `bundle_emb.*` keys in the LoRA file (diffusers' load_lora_weights refuses them,
+        # ComfyUI ignores them); separate: one A1111 embedding `<stem>.<token>.safetensors` per token beside it
+        bundled = convert_native_to_kohya(lora.state_dict(), include_tokens=tokens == "bundle")
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in bundled.items()}
+        if tokens == "separate":
+            from .diffusers_export import token_file_name
+
+            for token, vector in lora.tokens.items():
+                save_a1111_embedding(path.parent / f"{path.stem}.{token_file_name(token)}", {token: vector})
         meta = {**provenance_metadata(lora), "ss_network_module": "networks.lora"}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     if fmt == "lora_diffusion":

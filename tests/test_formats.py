@@ -209,3 +209,38 @@ def test_convert_to_one_diffusers_file_keeps_the_tokens_beside_it(tiny_model, pi
     finally:
         remove_lora(pipe, "one-file")
     np.testing.assert_allclose(run_pipe(theirs), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bundle", "separate", "none"])
+def test_kohya_token_modes(tiny_model, pipe, lora, tmp_path, capsys, mode):
+    """--tokens bundle keeps A1111's bundle_emb keys (diffusers refuses the file); separate writes one A1111
+    embedding per token that diffusers' kohya path + load_textual_inversion turn into our image; none drops them."""
+    from safetensors import safe_open
+
+    native = save_lora(tmp_path / "n.safetensors", lora)
+    out = tmp_path / "k" / "comfy.safetensors"
+    assert cli(["convert", str(native), str(out), "--to", "kohya", "--tokens", mode]) == 0
+    capsys.readouterr()
+    with safe_open(str(out), "pt") as f:
+        bundled = [k for k in f.keys() if k.startswith("bundle_emb.")]  # noqa: SIM118 - safe_open is no dict
+    files = sorted(p.name for p in out.parent.iterdir())
+    theirs = load_pipeline(tiny_model)
+    if mode == "bundle":
+        assert len(bundled) == 2 and files == ["comfy.safetensors"]
+        with pytest.raises(Exception):  # noqa: B017 - diffusers' own refusal, whatever it raises
+            theirs.load_lora_weights(str(out))
+        return
+    assert not bundled
+    if mode == "none":
+        assert files == ["comfy.safetensors"]
+        return
+    assert files == ["comfy.s1.safetensors", "comfy.s2.safetensors", "comfy.safetensors"]
+    theirs.load_lora_weights(str(out))
+    for token in lora.tokens:
+        theirs.load_textual_inversion(str(out.parent / f"comfy.{token.strip('<>')}.safetensors"), token=token)
+    patch_pipeline(pipe, lora, adapter_name="kohya-separate")
+    try:
+        ours = run_pipe(pipe)
+    finally:
+        remove_lora(pipe, "kohya-separate")
+    np.testing.assert_allclose(run_pipe(theirs), ours, atol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 FORMATS = ("native", "diffusers", "kohya", "lora_diffusion", "a1111_embedding")
 
 
@@ -9,9 +11,12 @@ def run(args) -> int:
     from ..formats import read_any, write_any
 
     lora = read_any(args.input, base=args.base, token=args.token)
-    path = write_any(args.output, lora, args.to, base=args.base)
+    if args.tokens != "bundle" and args.to != "kohya":
+        raise ValueError(f"--tokens {args.tokens}: only --to kohya has a choice (diffusers always writes them apart)")
+    path = write_any(args.output, lora, args.to, base=args.base, tokens=args.tokens)
     print(f"{lora.metadata.get('source_format', 'native')} -> {args.to}: {path}")
-    if args.to == "diffusers" and str(args.output).endswith(".safetensors") and lora.tokens:
+    separate = args.to == "kohya" and args.tokens == "separate"
+    if (separate or args.to == "diffusers" and str(args.output).endswith(".safetensors")) and lora.tokens:
         from ..diffusers_export import token_file_name
 
         stem = path.with_suffix("").name
@@ -26,7 +31,11 @@ def register(sub) -> None:
         "convert",
         help="convert a LoRA or embedding between formats (native, diffusers, kohya, lora_diffusion, A1111)",
         description="Reads any supported format (.safetensors, or .pt/.bin read with weights_only=True) and "
-        "writes FORMAT. Scales are preserved exactly (see docs/surgery.md).",
+        "writes FORMAT. Scales are preserved exactly (see docs/surgery.md).\n\nexamples:\n"
+        "  lora-ops convert pti.safetensors a1111.safetensors --to kohya                   # tokens bundled\n"
+        "  lora-ops convert pti.safetensors comfy.safetensors --to kohya --tokens separate  # + comfy.s1.safetensors\n"
+        "  lora-ops convert pti.safetensors out/ --to diffusers",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="input file (format detected from metadata and keys)")
     p.add_argument(
@@ -37,4 +46,13 @@ def register(sub) -> None:
     p.add_argument("--to", choices=FORMATS, required=True, help="output format")
     p.add_argument("--base", help="base model folder: needed for lora_diffusion in or out; checks shapes when given")
     p.add_argument("--token", help="token name for an A1111 embedding input (default: <file stem>)")
+    p.add_argument(
+        "--tokens",
+        choices=["bundle", "separate", "none"],
+        default="bundle",
+        help="learned tokens in a kohya file: bundle (bundle_emb.* keys in the file: A1111 reads them; diffusers' "
+        "load_lora_weights refuses them, ComfyUI ignores them), separate (one A1111 embedding <stem>.<token>."
+        "safetensors per token beside it: diffusers' load_textual_inversion, ComfyUI's embedding:name, A1111), "
+        "none (drop them)",
+    )
     p.set_defaults(func=run)
