@@ -4,36 +4,94 @@ Injection and runtime patching, pivotal tuning and DreamBooth training, exact me
 and resizing, format conversion, dataset preprocessing and evaluation.
 """
 
-from .diffusers_export import export_diffusers
-from .distill import DistillConfig, distill
-from .dreambooth import train_dreambooth
-from .evaluate import EvaluateConfig, EvaluationResult, evaluate_loras, select_best
-from .formats import detect_format, read_any, write_any
-from .generate import GenerateConfig, LoraUse, generate
-from .images import make_grid, save_gif
-from .inject import LoraConfig, extract_lora, inject_lora, load_adapter, lora_layers
-from .lora_file import LoraFile, LoraModule, load_lora, read_safetensors, save_lora
-from .merge import add_to_pipeline, join_loras, load_joined, merge_loras
-from .models import ModelInfo, as_task, describe, load_pipeline
-from .preprocess import PreprocessConfig, PreprocessResult, preprocess_dataset
-from .resize import ResizeConfig, resize_lora
-from .runtime import (
-    adapter_names,
-    enable_lora,
-    fuse_lora,
-    patch_pipeline,
-    remove_lora,
-    set_scales,
-    unfuse_lora,
-)
-from .single_file import save_single_file
-from .targets import PRESETS, preset_targets, resolve_targets
-from .tiny import make_tiny_model
-from .tiny_vision import make_tiny_preprocess_models
-from .tokens import add_tokens, apply_token_embeddings, init_token_embeddings, parse_tokens, read_token_embeddings
-from .train import run_inversion, run_tuning, train_pti
-from .train_config import DreamBoothConfig, PTIConfig
-from .train_loop import TrainResult
+# Names are imported on first use (PEP 562), so that `import lora_ops` and `lora-ops --help` stay fast:
+# torch, diffusers and transformers load only when something that needs them is used.
+import importlib as _importlib
+
+_EXPORTS = {
+    "export_diffusers": "diffusers_export",
+    "DistillConfig": "distill",
+    "distill": "distill",
+    "train_dreambooth": "dreambooth",
+    "EvaluateConfig": "evaluate",
+    "EvaluationResult": "evaluate",
+    "evaluate_loras": "evaluate",
+    "select_best": "evaluate",
+    "detect_format": "formats",
+    "read_any": "formats",
+    "write_any": "formats",
+    "GenerateConfig": "generate",
+    "LoraUse": "generate",
+    "generate": "generate",
+    "make_grid": "images",
+    "save_gif": "images",
+    "LoraConfig": "inject",
+    "extract_lora": "inject",
+    "inject_lora": "inject",
+    "load_adapter": "inject",
+    "lora_layers": "inject",
+    "LoraFile": "lora_file",
+    "LoraModule": "lora_file",
+    "load_lora": "lora_file",
+    "read_safetensors": "lora_file",
+    "save_lora": "lora_file",
+    "add_to_pipeline": "merge",
+    "join_loras": "merge",
+    "load_joined": "merge",
+    "merge_loras": "merge",
+    "ModelInfo": "models",
+    "as_task": "models",
+    "describe": "models",
+    "load_pipeline": "models",
+    "PreprocessConfig": "preprocess",
+    "PreprocessResult": "preprocess",
+    "preprocess_dataset": "preprocess",
+    "ResizeConfig": "resize",
+    "resize_lora": "resize",
+    "adapter_names": "runtime",
+    "enable_lora": "runtime",
+    "fuse_lora": "runtime",
+    "patch_pipeline": "runtime",
+    "remove_lora": "runtime",
+    "set_scales": "runtime",
+    "unfuse_lora": "runtime",
+    "save_single_file": "single_file",
+    "PRESETS": "targets",
+    "preset_targets": "targets",
+    "resolve_targets": "targets",
+    "make_tiny_model": "tiny",
+    "make_tiny_preprocess_models": "tiny_vision",
+    "add_tokens": "tokens",
+    "apply_token_embeddings": "tokens",
+    "init_token_embeddings": "tokens",
+    "parse_tokens": "tokens",
+    "read_token_embeddings": "tokens",
+    "run_inversion": "train",
+    "run_tuning": "train",
+    "train_pti": "train",
+    "DreamBoothConfig": "train_config",
+    "PTIConfig": "train_config",
+    "TrainResult": "train_loop",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(_importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
+    try:
+        return _importlib.import_module(f".{name}", __name__)  # a submodule, e.g. lora_ops.shapes
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "PRESETS",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..generate import GenerateConfig, LoraUse, generate, save_images
-
 
 def run(args) -> int:
+    from ..generate import GenerateConfig, LoraUse, generate, save_images
+
     config = GenerateConfig(
         model=args.model,
         prompts=args.prompt,

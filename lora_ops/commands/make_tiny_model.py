@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from ..tiny import ARCHS, make_tiny_model
+ARCHS = ("tiny", "sd15", "sd21")  # lora_ops.tiny.ARCHS (a test checks they agree); importing it loads torch
 
 
 def run(args) -> int:
+    from ..tiny import make_tiny_model
+
     path = make_tiny_model(args.dir, arch=args.arch, inpainting=args.inpainting, seed=args.seed)
     print(path)
     return 0
