@@ -69,9 +69,13 @@ def load_pipeline(
     }
     if task not in classes:
         raise ValueError(f"task={task!r} is not one of {sorted(classes)}")
+    # diffusers renamed `torch_dtype` to `dtype` (and warns on the old name on every load); older ones know only it
+    from diffusers.pipelines import pipeline_utils
+
+    dtype_kw = {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}
     try:
         pipe = classes[task].from_pretrained(
-            source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
+            source, safety_checker=None, requires_safety_checker=False, **dtype_kw, **kwargs
         )
     except OSError as exc:
         raise ValueError(f"could not load model {source!r}: {str(exc).splitlines()[0]}") from None
