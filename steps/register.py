@@ -77,6 +77,24 @@ def _champion(client, name: str):
         return None
 
 
+def _set_alias(client, name: str, alias: str, version, attempts: int = 6) -> None:
+    """set_registered_model_alias, retried when a concurrent registration created the same alias at the same
+    moment (the tracking store's first insert of an alias races: a UNIQUE-constraint error; the retry updates)."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            text = str(exc)
+            if attempt == attempts - 1 or not ("UNIQUE constraint" in text or "already exists" in text.lower()):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def _replay(client, name: str, current, metric: str, tolerance: float):
     """The champion after applying `decide` in version order to every registered version newer than the
     current champion (none: every version), skipping versions tagged `decision=rejected` by a person."""
@@ -103,7 +121,7 @@ def _apply_decision(client, name: str, mv, metric: str, tolerance: float, attemp
         current = _champion(client, name)
         champion, seen = _replay(client, name, current, metric, tolerance)
         if champion is not None and (current is None or champion.version != current.version):
-            client.set_registered_model_alias(name, CHAMPION, champion.version)
+            _set_alias(client, name, CHAMPION, champion.version)
         after = _champion(client, name)
         _, seen_after = _replay(client, name, after, metric, tolerance)
         if after is not None and champion is not None and after.version == champion.version and seen_after <= seen:
@@ -121,7 +139,7 @@ def _apply_decision(client, name: str, mv, metric: str, tolerance: float, attemp
         verdict, reason = decide(_version_metrics(mv), _version_metrics(champion), metric, tolerance)
         if verdict == CHAMPION:  # it beat the old champion, but a version registered beside it did better
             reason = f"version {champion.version}, registered alongside it, did better by {metric}"
-        client.set_registered_model_alias(name, CHALLENGER, mv.version)
+        _set_alias(client, name, CHALLENGER, mv.version)
     client.set_model_version_tag(name, mv.version, "decision", alias)
     client.set_model_version_tag(name, mv.version, "decision_reason", reason)
     return alias, reason
