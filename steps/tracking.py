@@ -111,14 +111,24 @@ class Tracker:
 
     # -- logging -------------------------------------------------------------------------------------------
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, Any], attempts: int = 5) -> None:
+        """Log the params the run does not have yet: a retried step, or two attempts of one step running at
+        once (both insert the same params; the store's UNIQUE-constraint error means the other one did)."""
         from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
 
         cleaned = clean_params(params)
-        existing = self.client.get_run(self.run_id).data.params  # a retried step logs the same params again
-        new = [Param(k, v) for k, v in cleaned.items() if k not in existing]
-        for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i : i + 100])
+        for attempt in range(attempts):
+            existing = self.client.get_run(self.run_id).data.params
+            new = [Param(k, v) for k, v in cleaned.items() if k not in existing]
+            try:
+                for i in range(0, len(new), 100):
+                    self.client.log_batch(self.run_id, params=new[i : i + 100])
+                return
+            except MlflowException as exc:
+                if attempt == attempts - 1 or "UNIQUE constraint" not in str(exc):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
