@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import sys
@@ -27,6 +28,8 @@ from urllib.parse import urlparse
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "lora-pipeline/manifest/v1"
+SHA256_META = "sha256"  # user metadata key every published object carries (x-amz-meta-sha256)
+PUBLISH_ROUNDS = 6  # how often `publish` re-uploads when a concurrent attempt interleaved with it
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest multipart part
 PART_SIZE = 16 * 1024 * 1024  # files above this are uploaded in parts of this size
 T = TypeVar("T")
@@ -350,19 +353,36 @@ class Store:
                 if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
-    def put_file(self, src: str | Path, loc: Location) -> None:
+    def put_file(self, src: str | Path, loc: Location, sha256: str | None = None) -> None:
+        """Upload `src` to `loc`; `sha256` (of `src`) is kept as object metadata (see `stored_sha256`)."""
         if loc.scheme == "file":
             Path(loc.key).parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(loc.key).with_name(f".{Path(loc.key).name}.partial")
             shutil.copyfile(src, tmp)
             os.replace(tmp, loc.key)
             return
+        meta = {SHA256_META: sha256} if sha256 else None
         # fput_object re-opens the file on every attempt; above part_size it uploads in parts
         # (a failed multipart upload is aborted by a later one with the same key or by bucket lifecycle).
         self._retry(
-            lambda: self.client.fput_object(loc.bucket, loc.key, str(src), part_size=self.config.part_size),
+            lambda: self.client.fput_object(
+                loc.bucket, loc.key, str(src), part_size=self.config.part_size, metadata=meta
+            ),
             f"upload {loc}",
         )
+
+    def stored_sha256(self, loc: Location) -> str | None:
+        """The sha256 the object at `loc` was uploaded with (None when absent or uploaded without one).
+
+        A local file is hashed; an S3 object is only stat-ed, so checking a whole prefix is cheap.
+        """
+        if loc.scheme == "file":
+            return sha256_file(loc.key) if Path(loc.key).is_file() else None
+        try:
+            stat = self._retry(lambda: self.client.stat_object(loc.bucket, loc.key), f"stat {loc}")
+        except FileNotFoundError:
+            return None
+        return {k.lower(): v for k, v in (stat.metadata or {}).items()}.get(f"x-amz-meta-{SHA256_META}")
 
     def put_bytes(self, data: bytes, loc: Location, content_type: str = "application/octet-stream") -> None:
         if loc.scheme == "file":
@@ -621,14 +641,7 @@ def find_completed(
     if found is None:
         return None
     manifest, digest = found
-    recorded_inputs = {k: v.get("sha256") for k, v in manifest.get("inputs", {}).items()}
-    wanted_inputs = {k: v.get("sha256") for k, v in inputs.items()}
-    same = (
-        manifest.get("step") == step
-        and recorded_inputs == wanted_inputs
-        and _canonical(manifest.get("parameters", {})) == _canonical(parameters)
-    )
-    if not same:
+    if not _same_output(manifest, step, inputs, parameters):
         raise ValueError(
             f"--out={out}: already holds a {manifest.get('step')!r} output made from other inputs or parameters; "
             "use a new --run-id or another --out (outputs are never overwritten)"
@@ -638,6 +651,22 @@ def find_completed(
 
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
+
+
+def _same_output(manifest: dict[str, Any], step: str, inputs: dict[str, dict[str, str]], parameters: dict) -> bool:
+    """Whether `manifest` records `step` run on the same inputs (by sha256) with the same parameters."""
+    recorded_inputs = {k: v.get("sha256") for k, v in manifest.get("inputs", {}).items()}
+    wanted_inputs = {k: v.get("sha256") for k, v in inputs.items()}
+    return (
+        manifest.get("step") == step
+        and recorded_inputs == wanted_inputs
+        and _canonical(manifest.get("parameters", {})) == _canonical(parameters)
+    )
+
+
+def _consistent(loc: Location, manifest: dict[str, Any], store: Store) -> bool:
+    """Whether every file `manifest` lists is in the store with the sha256 it lists (by object metadata)."""
+    return all(store.stored_sha256(loc.join(f["path"])) == f["sha256"] for f in manifest["files"])
 
 
 def publish(
@@ -655,15 +684,16 @@ def publish(
     """Upload every file of `local_dir` under `out`, then write `manifest.json` last.
 
     Any manifest already there is removed first, so a prefix never looks complete while it is being
-    written. Returns the result with `manifest_sha256` added.
+    written. Two attempts of one step may publish at once (an Airflow retry racing a zombie attempt), and
+    their uploads can interleave: each attempt therefore reads the manifest back and checks every file it
+    lists against the store (the sha256 each object was uploaded with), uploading again until the prefix
+    is consistent. When the other attempt's manifest is the one that stands, its result is returned with
+    `reused` true. Returns the result with `manifest_sha256` added.
     """
     loc = parse_uri(out, "--out").as_prefix()
     store = store or Store.for_uri(loc)
     store.ensure_bucket(loc)
-    store.remove(loc.join(MANIFEST))
     files = describe_files(local_dir)
-    for entry in files:
-        store.put_file(Path(local_dir) / entry["path"], loc.join(entry["path"]))
     manifest = {
         "format": MANIFEST_FORMAT,
         "step": step,
@@ -677,8 +707,29 @@ def publish(
         **(extra or {}),
     }
     data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
-    store.put_bytes(data, loc.join(MANIFEST), content_type="application/json")
-    return {**result, "manifest_sha256": hashlib.sha256(data).hexdigest(), "reused": False}
+    ours = hashlib.sha256(data).hexdigest()
+    for round_ in range(PUBLISH_ROUNDS):
+        if round_:
+            time.sleep(random.uniform(0.2, 1.0) * round_)  # let the other attempt finish its round
+        store.remove(loc.join(MANIFEST))
+        for entry in files:
+            store.put_file(Path(local_dir) / entry["path"], loc.join(entry["path"]), sha256=entry["sha256"])
+        store.put_bytes(data, loc.join(MANIFEST), content_type="application/json")
+        found = read_manifest(loc, store)
+        if found is None:
+            continue  # another attempt removed it to publish: check again after its round
+        standing, digest = found
+        if not _same_output(standing, step, inputs, parameters):
+            raise ValueError(
+                f"--out={out}: another {standing.get('step')!r} attempt with other inputs or parameters is "
+                "publishing to the same prefix; use a new --run-id or another --out"
+            )
+        if _consistent(loc, standing, store):
+            return {**standing.get("result", {}), "manifest_sha256": digest, "reused": digest != ours}
+    raise IntegrityError(
+        f"--out={out}: another attempt kept writing to the same prefix through {PUBLISH_ROUNDS} rounds of "
+        "publishing; stop the other attempt and re-run the step"
+    )
 
 
 def uri_of(out: str | Path, rel: str) -> str:

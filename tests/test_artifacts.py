@@ -112,6 +112,47 @@ def test_corrupted_object_fails_the_hash_check(tmp_path, s3_env):
         fetch(out, tmp_path / "got", require_manifest=True)
 
 
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_publish_survives_a_concurrent_attempt_interleaving(where, tmp_path, s3_env, monkeypatch):
+    """Another attempt's file lands after ours but before our manifest: the prefix ends consistent anyway."""
+    out = "s3://artifacts/runs/interleave/tune/" if where == "s3" else str(tmp_path / "pub")
+    ours, theirs = _folder(tmp_path, "ours"), _folder(tmp_path, "theirs")
+    store = Store.for_uri(out)
+    loc = parse_uri(out).as_prefix()
+    real_put_bytes = Store.put_bytes
+    landed = []
+
+    def put_bytes(self, data, where_, content_type="application/octet-stream"):
+        if where_.key.endswith(MANIFEST) and not landed:  # the zombie's upload, once, just before our manifest
+            landed.append(where_)
+            self.put_file(theirs / "lora.safetensors", loc.join("lora.safetensors"),
+                          sha256=sha256_file(theirs / "lora.safetensors"))  # fmt: skip
+        return real_put_bytes(self, data, where_, content_type)
+
+    monkeypatch.setattr(Store, "put_bytes", put_bytes)
+    result = publish(ours, out, step="tune", run_id="r", inputs={}, parameters={}, result={}, store=store)
+    assert landed, "the interleaving upload never happened"
+    got = fetch(out, tmp_path / "got", require_manifest=True)  # every file matches the manifest that stands
+    assert got.sha256 == result["manifest_sha256"] and result["reused"] is False
+    assert (got.path / "lora.safetensors").read_bytes() == (ours / "lora.safetensors").read_bytes()
+
+
+def test_publish_refuses_a_concurrent_attempt_with_other_parameters(tmp_path, monkeypatch):
+    out = str(tmp_path / "pub")
+    ours, theirs = _folder(tmp_path, "ours"), _folder(tmp_path, "theirs")
+    real_put_bytes = Store.put_bytes
+
+    def put_bytes(self, data, where_, content_type="application/octet-stream"):
+        real_put_bytes(self, data, where_, content_type)
+        if where_.key.endswith(MANIFEST) and b'"rank": 4' in data:  # theirs overwrites ours at once
+            monkeypatch.setattr(Store, "put_bytes", real_put_bytes)
+            publish(theirs, out, step="tune", run_id="r", inputs={}, parameters={"rank": 8}, result={})
+
+    monkeypatch.setattr(Store, "put_bytes", put_bytes)
+    with pytest.raises(ValueError, match="another 'tune' attempt with other inputs or parameters"):
+        publish(ours, out, step="tune", run_id="r", inputs={}, parameters={"rank": 4}, result={})
+
+
 def test_multipart_upload_of_a_large_file(tmp_path, s3_env):
     big = tmp_path / "big" / "unet.bin"
     big.parent.mkdir()
