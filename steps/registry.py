@@ -1,14 +1,23 @@
 """The registered LoRA as an MLflow pyfunc model, and the serving lookup `lora-registry get NAME@ALIAS`.
 
-A model version's folder holds `MLmodel`, the models-from-code file `pyfunc_model.py` (it imports
-`LoraPipelineModel` from the installed project: no pickled code) and `artifacts/lora.safetensors` +
-`artifacts/metadata.json`; `metadata.json` names the base model (hub id, local folder or s3:// prefix).
-`mlflow.pyfunc.load_model("models:/NAME@champion").predict(["a photo of <s1>"])` returns PIL images.
+A model version's folder holds `MLmodel`, the models-from-code file `pyfunc_model.py`, the project's code
+under `code/` (`lora_ops/` and `steps/`, source files only: no pickled code, no model weights),
+`requirements.txt` (the libraries that code needs, pinned to the versions it was registered with) and
+`artifacts/lora.safetensors` + `artifacts/metadata.json`; `metadata.json` names the base model (hub id,
+local folder or s3:// prefix). Loading the version imports `LoraPipelineModel` from its own `code/`, so
+`mlflow models serve -m models:/NAME@champion --env-manager local` runs the code the version was
+registered with, in any environment that has the pinned libraries.
+
+`predict` takes a `prompt` column and returns one row per prompt: `image` (a base64 PNG), `width`,
+`height`; `decode_png(row["image"])` turns the string back into a PIL image. The params are the
+signature's (`PARAMS`); MLflow drops any other.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import shutil
 import sys
@@ -17,19 +26,28 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 LORA_FILE = "lora.safetensors"
 METADATA_FILE = "metadata.json"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
-PIP_REQUIREMENTS = ["lora-pipeline", "torch", "diffusers", "transformers", "peft", "safetensors", "minio", "pillow"]
+PROJECT = "lora-pipeline"
+# beyond the project's own dependencies (pyproject.toml), what loading a version imports: minio for
+# s3:// base models (steps.models), mlflow for the pyfunc itself
+SERVING_EXTRAS = ("minio", "mlflow")
+# the project's packages logged with each version (code_paths), without the shapes world's weights
+CODE_PACKAGES = ("lora_ops", "steps")
+CODE_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "pretrained")
 
 
 class LoraPipelineModel(mlflow.pyfunc.PythonModel):
     """Text-to-image with the base model named in the metadata plus the registered LoRA.
 
-    `predict` takes prompts (a string, a list of strings, a dict/DataFrame with a `prompt` column) and
-    returns one PIL image per prompt. Optional params: num_inference_steps (default 30), guidance_scale
-    (7.5), seed (0), height, width, scale (LoRA scale for UNet and text encoder, default 1.0).
+    `predict` takes a DataFrame with a `prompt` column (MLflow turns a list of strings or a
+    `{"prompt": [...]}` dict into one) and returns a DataFrame with one row per prompt: `image` (base64
+    PNG), `width`, `height`. Params (`PARAMS`): num_inference_steps (default 30), guidance_scale (7.5),
+    seed (0), height and width (0: the model's own size), scale (LoRA scale for UNet and text encoder,
+    1.0), negative_prompt ("" : none).
     """
 
     def load_context(self, context):
@@ -53,26 +71,54 @@ class LoraPipelineModel(mlflow.pyfunc.PythonModel):
             self._pipe = pipe
         return self._pipe
 
-    def predict(self, context, model_input, params=None):
+    # the type hints say what MLflow hands over (the signature is explicit; a DataFrame hint infers none)
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
 
         from lora_ops import set_scales
 
         prompts = _prompts(model_input)
-        params = dict(params or {})
-        pipe = self._pipeline()
-        scale = float(params.get("scale", 1.0))
-        set_scales(pipe, "registered", unet=scale, text_encoder=scale)
-        generator = torch.Generator("cpu").manual_seed(int(params.get("seed", 0)))
-        kwargs = {
-            "num_inference_steps": int(params.get("num_inference_steps", 30)),
-            "guidance_scale": float(params.get("guidance_scale", 7.5)),
-            "generator": generator,
-        }
+        params = {**PARAM_DEFAULTS, **(params or {})}
+        steps = int(params["num_inference_steps"])
+        if steps < 1:
+            raise ValueError(f"num_inference_steps={steps}: must be >= 1")
+        kwargs: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": float(params["guidance_scale"])}
         for key in ("height", "width"):
-            if params.get(key):
-                kwargs[key] = int(params[key])
-        return pipe(prompts, **kwargs).images
+            value = int(params[key])
+            if value < 0 or value % 8:
+                raise ValueError(f"{key}={value}: must be a multiple of 8 (0: the model's own size)")
+            if value:
+                kwargs[key] = value
+        if params["negative_prompt"]:
+            kwargs["negative_prompt"] = [str(params["negative_prompt"])] * len(prompts)
+        pipe = self._pipeline()
+        scale = float(params["scale"])
+        set_scales(pipe, "registered", unet=scale, text_encoder=scale)
+        kwargs["generator"] = torch.Generator("cpu").manual_seed(int(params["seed"]))
+        images = pipe(prompts, **kwargs).images
+        return pd.DataFrame(
+            {
+                "image": [encode_png(im) for im in images],
+                "width": [im.width for im in images],
+                "height": [im.height for im in images],
+            }
+        )
+
+
+def encode_png(image) -> str:
+    """A PIL image -> the base64 PNG string `predict` returns (JSON-safe, for the REST server)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_png(data: str):
+    """A base64 PNG string from `predict` (or the REST server's `predictions`) -> a PIL image."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+    image.load()
+    return image
 
 
 def _prompts(model_input) -> list[str]:
@@ -89,25 +135,65 @@ def _prompts(model_input) -> list[str]:
     raise ValueError(f"model_input={model_input!r}: expected a prompt, a list of prompts or a 'prompt' column")
 
 
+# name -> (MLflow type, default); MLflow passes on only the params the signature names
+PARAMS: dict[str, tuple[str, Any]] = {
+    "num_inference_steps": ("long", 30),
+    "guidance_scale": ("double", 7.5),
+    "seed": ("long", 0),
+    "height": ("long", 0),  # 0: the model's own size
+    "width": ("long", 0),
+    "scale": ("double", 1.0),  # LoRA scale, UNet and text encoder
+    "negative_prompt": ("string", ""),  # "": none
+}
+PARAM_DEFAULTS = {name: default for name, (_, default) in PARAMS.items()}
+
+
 def _signature():
-    """Prompts in; the documented `predict` params, which MLflow passes on only when the signature names them."""
+    """A `prompt` column in, one image row per prompt out, and the `predict` params."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    params = ParamSchema(
-        [
-            ParamSpec("num_inference_steps", "long", 30),
-            ParamSpec("guidance_scale", "double", 7.5),
-            ParamSpec("seed", "long", 0),
-            ParamSpec("height", "long", 0),  # 0: the model's own size
-            ParamSpec("width", "long", 0),
-            ParamSpec("scale", "double", 1.0),
-        ]
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string", "image"), ColSpec("long", "width"), ColSpec("long", "height")]),
+        params=ParamSchema([ParamSpec(name, kind, default) for name, (kind, default) in PARAMS.items()]),
     )
-    return ModelSignature(inputs=Schema([ColSpec("string")]), params=params)
 
 
 SIGNATURE = _signature()
+
+
+def pip_requirements() -> list[str]:
+    """The project's runtime dependencies (its installed metadata, i.e. pyproject.toml) and `SERVING_EXTRAS`,
+    each pinned to the version installed here (public part: `torch==2.13.0` for a `2.13.0+cpu` build).
+
+    The project itself is not listed (no index has it): its code travels with the model (`CODE_PACKAGES`).
+    """
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    try:
+        declared = [Requirement(r) for r in requires(PROJECT) or []]
+    except PackageNotFoundError:
+        raise ValueError(
+            f"{PROJECT} is not installed (pip install -e '.[pipeline]'); cannot pin its requirements"
+        ) from None
+    names = {r.name.lower() for r in declared if r.marker is None or r.marker.evaluate({"extra": ""})}
+    return [f"{name}=={Version(version(name)).public}" for name in sorted(names | set(SERVING_EXTRAS))]
+
+
+def _stage_code(staging: Path) -> list[str]:
+    """Copies of the project's packages (source only) for `code_paths`."""
+    import importlib
+
+    paths = []
+    for package in CODE_PACKAGES:
+        source = Path(importlib.import_module(package).__file__).parent
+        shutil.copytree(source, staging / package, ignore=CODE_IGNORE)
+        paths.append(str(staging / package))
+    return paths
 
 
 def save_pyfunc(folder: str | Path, lora_path: str | Path, metadata: dict[str, Any]) -> Path:
@@ -117,12 +203,15 @@ def save_pyfunc(folder: str | Path, lora_path: str | Path, metadata: dict[str, A
     try:
         shutil.copyfile(lora_path, staging / LORA_FILE)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+        token = next(iter(metadata.get("tokens") or []), "")
         mlflow.pyfunc.save_model(
             str(folder),
-            python_model=str(MODEL_CODE),  # models-from-code: loading imports the installed class
+            python_model=str(MODEL_CODE),  # models-from-code: loading imports the class from code/
             artifacts={"lora": str(staging / LORA_FILE), "metadata": str(staging / METADATA_FILE)},
-            pip_requirements=PIP_REQUIREMENTS,
+            code_paths=_stage_code(staging / "code"),
+            pip_requirements=pip_requirements(),
             signature=SIGNATURE,
+            input_example=pd.DataFrame({"prompt": [f"a photo of {token}".strip()]}),
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
