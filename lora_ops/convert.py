@@ -6,6 +6,8 @@ keeps information there); nothing here reads files or models. The scale rule of 
 - native (lora_ops) and diffusers/PEFT: ΔW = lora_B @ lora_A; a diffusers file may carry
   `lora_adapter_metadata` (peft `r`, `lora_alpha`, patterns): then ΔW = alpha / r · B A, and reading
   folds alpha / r into lora_B.
+- PEFT adapters (`adapter_config.json` + `adapter_model.safetensors`, or diffusers' `save_lora_adapter`
+  file): ΔW = lora_alpha / r · B A per module (rank_pattern / alpha_pattern; rsLoRA: / sqrt(r)).
 - kohya / A1111 / ComfyUI: ΔW = alpha / r · lora_up @ lora_down (missing `.alpha`: alpha = r). Writing
   stores alpha = r, so the factors are copied bit for bit.
 - lora_diffusion (legacy): ΔW = up @ down (scale 1), modules numbered in the traversal order of the
@@ -169,6 +171,96 @@ def convert_diffusers_to_native(
         scale = 1.0 if alpha is None else alpha / r
         out[f"{comp}.{name}.lora_A.weight"] = pair["lora_A"]
         out[f"{comp}.{name}.lora_B.weight"] = pair["lora_B"] if scale == 1.0 else pair["lora_B"].float() * scale
+    return out
+
+
+# ---------------------------------------------------------------- PEFT adapters
+
+PEFT_PREFIX = "base_model.model."
+# first module-name segments of a UNet2DConditionModel and of a CLIP text model (with or without `text_model.`)
+_UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding")
+_TEXT_ROOTS = ("text_model", "encoder", "embeddings", "final_layer_norm")
+_PEFT_KEY = re.compile(r"(.+?)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.([A-Za-z0-9_-]+))?\.weight")
+
+
+def peft_component(name: str) -> str | None:
+    """ "unet" or "text_encoder" from a module name of a PEFT adapter (None when neither fits)."""
+    root = name.split(".", 1)[0]
+    if root in _UNET_ROOTS:
+        return "unet"
+    if root in _TEXT_ROOTS:
+        return "text_encoder"
+    return None
+
+
+def _peft_scale(name: str, r: int, config: Mapping, where: str) -> float:
+    """peft's scale of one module: lora_alpha / r (or / sqrt(r) with rsLoRA), patterns included."""
+    r_cfg = _pattern_value(name, config.get("rank_pattern") or {}, config.get("r", r))
+    alpha = _pattern_value(name, config.get("alpha_pattern") or {}, config.get("lora_alpha", r_cfg))
+    if int(r_cfg) != r:
+        raise ValueError(f"{where}: the adapter config says r={r_cfg}, the tensors have r={r}")
+    return float(alpha) / (r**0.5 if config.get("use_rslora") else r)
+
+
+def check_peft_config(config: Mapping, where: str) -> None:
+    """Refuse what a LoRA file cannot hold: other PEFT methods, DoRA, trained biases, saved full modules."""
+    kind = config.get("peft_type", "LORA")
+    if str(kind).upper() != "LORA":
+        raise ValueError(f"{where}: peft_type={kind!r}: only LoRA adapters are supported (not LoHa/LoKr/IA3/...)")
+    if config.get("use_dora"):
+        raise ValueError(f"{where}: a DoRA adapter (use_dora=true): its magnitude vectors have no LoRA equivalent")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise ValueError(f"{where}: the adapter trains biases (bias={config.get('bias')!r}); a LoRA cannot hold them")
+    if config.get("modules_to_save"):
+        raise ValueError(f"{where}: the adapter saves whole modules ({config['modules_to_save']}); a LoRA cannot")
+
+
+def convert_peft_to_native(
+    state_dict: Mapping[str, torch.Tensor],
+    configs: Mapping[str, Mapping],
+) -> dict[str, torch.Tensor]:
+    """PEFT adapter keys -> native keys, folding each module's scale into lora_B.
+
+    Accepts what `PeftModel.save_pretrained` writes (`base_model.model.<m>.lora_A.weight`) and what
+    diffusers' `save_lora_adapter` writes (`<m>.lora_A.weight`), with an optional adapter-name segment
+    (`lora_A.default.weight`). `configs` maps a component ("unet", "text_encoder") or "*" (either; the
+    component is then told by the module names) to its peft LoraConfig as a dict. A key may start with
+    `<component>/` to name its component (a folder holding one adapter per component).
+    """
+    for comp, config in configs.items():
+        check_peft_config(config, f"adapter config ({comp})")
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    adapters, unknown = set(), []
+    for key, tensor in state_dict.items():
+        comp, sep, rest = key.partition("/")
+        if not sep:
+            comp, rest = None, key
+        m = _PEFT_KEY.fullmatch(rest.removeprefix(PEFT_PREFIX))
+        if not m:
+            unknown.append(key)
+            continue
+        name, part, adapter = m.groups()
+        if part == "lora_magnitude_vector":
+            raise ValueError(f"{key}: a DoRA magnitude vector; DoRA adapters have no LoRA equivalent")
+        comp = comp or peft_component(name)
+        if comp not in COMPONENTS:
+            raise ValueError(f"{key}: cannot tell whether {name!r} is a UNet or a text-encoder module")
+        adapters.add(adapter)
+        pairs.setdefault((comp, name), {})[part] = tensor
+    if unknown:
+        raise ValueError(f"detected a PEFT adapter, but these keys are not LoRA factors: {_show(unknown)}")
+    if len(adapters) > 1:
+        raise ValueError(f"the file holds several adapters ({sorted(a or 'default' for a in adapters)}): save one")
+    out = {}
+    for (comp, name), pair in sorted(pairs.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{comp}.{name}: has {sorted(pair)} but needs both lora_A and lora_B")
+        config = configs.get(comp) or configs.get("*") or {}
+        live = name.removeprefix("text_model.")
+        scale = _peft_scale(live, pair["lora_A"].shape[0], config, f"{comp}.{name}")
+        full = canonical_name(comp, name)
+        out[f"{comp}.{full}.lora_A.weight"] = pair["lora_A"]
+        out[f"{comp}.{full}.lora_B.weight"] = pair["lora_B"] if scale == 1.0 else pair["lora_B"].float() * scale
     return out
 
 

@@ -1,8 +1,11 @@
 """LoRA and embedding files in every supported format: detect, read into a `LoraFile`, write.
 
-Formats: "native" (lora_ops), "diffusers" (diffusers/PEFT `pytorch_lora_weights.safetensors`), "kohya"
-(kohya / A1111 / ComfyUI), "lora_diffusion" (the original project's format, `.safetensors` or its
-`.pt` list of tensors), "a1111_embedding" (`.pt` or `.safetensors` textual-inversion embedding).
+Formats: "native" (lora_ops), "diffusers" (diffusers `pytorch_lora_weights.safetensors`), "peft" (a PEFT
+adapter folder `adapter_config.json` + `adapter_model.safetensors`, one such folder per component under
+`unet/` and `text_encoder/`, or the file diffusers' `save_lora_adapter` writes), "kohya" (kohya / A1111 /
+ComfyUI), "lora_diffusion" (the original project's format, `.safetensors` or its `.pt` list of tensors),
+"a1111_embedding" (`.pt` or `.safetensors` textual-inversion embedding). A diffusers LoRA folder is read
+with the token embedding files beside its weights.
 Pickled `.pt` files are read only with `torch.load(weights_only=True)`: a pickle that needs code to
 load is refused.
 """
@@ -26,7 +29,9 @@ from .convert import (
     convert_diffusers_to_native,
     convert_kohya_to_native,
     convert_native_to_kohya,
+    convert_peft_to_native,
     convert_tokens_to_a1111_embedding,
+    peft_component,
 )
 from .lora_file import (
     COMPONENTS,
@@ -40,8 +45,12 @@ from .lora_file import (
 )
 from .targets import canonical_name
 
-Format = Literal["native", "diffusers", "kohya", "lora_diffusion", "a1111_embedding"]
-FORMATS: tuple[str, ...] = ("native", "diffusers", "kohya", "lora_diffusion", "a1111_embedding")
+Format = Literal["native", "diffusers", "peft", "kohya", "lora_diffusion", "a1111_embedding"]
+FORMATS: tuple[str, ...] = ("native", "diffusers", "peft", "kohya", "lora_diffusion", "a1111_embedding")
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+_PEFT_FACTOR = re.compile(r".+\.lora_[AB](\.[A-Za-z0-9_-]+)?\.weight")
 
 
 def detect_format(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> str:
@@ -73,11 +82,10 @@ def detect_format(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None
     if len(keys) == 1 and getattr(tensors[keys[0]], "ndim", 0) in (1, 2) and keys[0].startswith("<"):
         # diffusers' save_textual_inversion: {"<token>": (n, dim)}
         return "a1111_embedding"
-    if keys[0].startswith("base_model.model."):
-        raise ValueError(
-            "detected a bare PEFT adapter (base_model.model.* keys) without component prefixes; "
-            "convert it with diffusers (unet./text_encoder. prefixes) first"
-        )
+    if keys[0].startswith("base_model.model.") or (
+        all(_PEFT_FACTOR.fullmatch(k) for k in keys) and peft_component(keys[0]) is not None
+    ):
+        return "peft"  # PeftModel.save_pretrained, or diffusers' save_lora_adapter (no component prefix)
     raise ValueError(f"unknown key layout: none of {list(FORMATS)} fits; first keys: {keys[:5]} ({len(keys)} keys)")
 
 
@@ -96,8 +104,10 @@ def _load_pt(path: Path) -> Any:
 def read_raw(path: str | Path) -> tuple[str, dict[str, Any], dict[str, str]]:
     """(format, tensors, metadata) of a `.safetensors`, `.pt`, `.bin` or `.ckpt` LoRA/embedding file."""
     path = Path(path)
+    if path.is_dir():
+        return _read_folder(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: no such file or folder")
     if path.suffix in (".pt", ".bin", ".ckpt", ".pth"):
         obj = _load_pt(path)
         require_finite(obj, str(path))
@@ -124,6 +134,75 @@ def read_raw(path: str | Path) -> tuple[str, dict[str, Any], dict[str, str]]:
         return detect_format(obj, {}), obj, {}
     tensors, metadata = read_safetensors(path)
     return detect_format(tensors, metadata), tensors, metadata
+
+
+def _peft_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, config) of one PEFT adapter folder."""
+    try:
+        config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{folder / PEFT_CONFIG}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder / PEFT_CONFIG}: not a PEFT adapter config (a JSON object)")
+    weights = next((folder / n for n in PEFT_WEIGHTS if (folder / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder}: has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}")
+    if weights.suffix == ".bin":
+        tensors = _load_pt(weights)
+        if not isinstance(tensors, dict):
+            raise ValueError(f"{weights}: holds a {type(tensors).__name__}, not a state dict")
+        require_finite(tensors, str(weights))
+    else:
+        tensors, _ = read_safetensors(weights)
+    return tensors, config
+
+
+def _read_folder(path: Path) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """A PEFT adapter folder (or one per component), or a diffusers LoRA folder."""
+    if (path / PEFT_CONFIG).is_file():
+        tensors, config = _peft_adapter(path)
+        configs = {"*": config}
+    elif any((path / c / PEFT_CONFIG).is_file() for c in COMPONENTS):
+        tensors, configs = {}, {}
+        for comp in COMPONENTS:
+            if (path / comp / PEFT_CONFIG).is_file():
+                part, configs[comp] = _peft_adapter(path / comp)
+                tensors.update({f"{comp}/{k}": v for k, v in part.items()})
+    elif (path / DIFFUSERS_WEIGHTS).is_file():
+        return read_raw(path / DIFFUSERS_WEIGHTS)
+    else:
+        raise ValueError(
+            f"{path}: a folder, but not a LoRA: no {PEFT_CONFIG} (a PEFT adapter), no unet/ or text_encoder/ "
+            f"adapter folders, and no {DIFFUSERS_WEIGHTS} (a diffusers LoRA folder)"
+        )
+    if not tensors:
+        raise ValueError(f"{path}: the adapter holds no tensors")
+    metadata = {"peft_config": json.dumps(configs)}
+    base = next((c.get("base_model_name_or_path") for c in configs.values() if c.get("base_model_name_or_path")), None)
+    if base:
+        metadata["base_model"] = str(base)
+    return "peft", tensors, metadata
+
+
+def _peft_configs(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """Adapter configs by component ("*": either) from a folder's `peft_config` or a file's peft metadata."""
+    if metadata.get("peft_config"):
+        return json.loads(metadata["peft_config"])
+    if metadata.get("lora_adapter_metadata"):  # diffusers' save_lora_adapter: one flat LoraConfig
+        return {"*": json.loads(metadata["lora_adapter_metadata"])}
+    return {"*": {}}  # no config: alpha = r, scale 1
+
+
+def _folder_tokens(path: Path, lora: LoraFile) -> None:
+    """Add the token embeddings a diffusers LoRA folder holds beside its weights (`<token>.safetensors`)."""
+    for emb in sorted(path.glob("*.safetensors")):
+        if emb.name == DIFFUSERS_WEIGHTS:
+            continue
+        fmt, tensors, metadata = read_raw(emb)
+        if fmt == "a1111_embedding":
+            only = next(iter(tensors)) if len(tensors) == 1 else ""
+            token = metadata.get("token") or (only if only.startswith("<") else f"<{emb.stem}>")
+            lora.tokens.update(convert_a1111_embedding_to_tokens(tensors, token))
 
 
 def model_skeletons(base: Any) -> dict[str, nn.Module]:
@@ -172,6 +251,8 @@ def lora_from_raw(
         lora = lora_from_state_dict(tensors, metadata)
     elif fmt == "diffusers":
         lora = lora_from_state_dict(convert_diffusers_to_native(tensors, metadata))
+    elif fmt == "peft":
+        lora = lora_from_state_dict(convert_peft_to_native(tensors, _peft_configs(metadata)))
     elif fmt == "kohya":
         names = module_names(models) if models is not None else None
         lora = lora_from_state_dict(convert_kohya_to_native(tensors, names))
@@ -202,7 +283,7 @@ def _provenance(metadata: Mapping[str, str]) -> dict[str, Any]:
 
 
 def read_any(path: str | Path, base: Any = None, token: str | None = None) -> LoraFile:
-    """Read a LoRA or embedding file of any supported format as a LoraFile (scale folded into lora_B).
+    """Read a LoRA or embedding file (or a PEFT / diffusers LoRA folder) as a LoraFile (scale folded into lora_B).
 
     Args:
         base: the base model (folder, pipeline, or {"unet", "text_encoder"}); needed for lora_diffusion
@@ -214,7 +295,10 @@ def read_any(path: str | Path, base: Any = None, token: str | None = None) -> Lo
     if token is None:
         only = next(iter(tensors)) if len(tensors) == 1 else ""
         token = only if fmt == "a1111_embedding" and only.startswith("<") else f"<{Path(path).stem}>"
-    return lora_from_raw(fmt, tensors, metadata, base, token)
+    lora = lora_from_raw(fmt, tensors, metadata, base, token)
+    if Path(path).is_dir() and fmt == "diffusers":
+        _folder_tokens(Path(path), lora)
+    return lora
 
 
 def provenance_metadata(lora: LoraFile) -> dict[str, str]:

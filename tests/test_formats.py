@@ -244,3 +244,91 @@ def test_kohya_token_modes(tiny_model, pipe, lora, tmp_path, capsys, mode):
     finally:
         remove_lora(pipe, "kohya-separate")
     np.testing.assert_allclose(run_pipe(theirs), ours, atol=1e-5)
+
+
+def _randomize_lora_b(model, seed: int) -> None:
+    """peft starts lora_B at zero; give it values so the adapter changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def _ours_matches(pipe, lora, theirs_image, base_image):
+    # the prompt has no learned tokens: earlier tests leave theirs in the shared pipeline's tokenizer
+    patch_pipeline(pipe, lora, adapter_name="peft-read")
+    try:
+        ours = run_pipe(pipe, "a photo")
+    finally:
+        remove_lora(pipe, "peft-read")
+    assert np.abs(theirs_image - base_image).max() > 1e-3  # the adapter changes the image
+    np.testing.assert_allclose(ours, theirs_image, atol=1e-5)
+
+
+def test_peft_adapter_folders_read_as_peft_applies_them(tiny_model, pipe, tmp_path):
+    """PeftModel.save_pretrained folders (one per component, and a single one) give peft's own image.
+
+    The UNet adapter has a rank and an alpha pattern; the text encoder's uses rsLoRA (alpha / sqrt(r)).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    base_image = run_pipe(pipe, "a photo")
+    theirs = load_pipeline(tiny_model)
+    unet_cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"],
+        rank_pattern={"attn2.to_k": 2}, alpha_pattern={"attn2.to_k": 6},
+    )  # fmt: skip
+    text_cfg = LoraConfig(r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "v_proj"])
+    unet = get_peft_model(theirs.unet, unet_cfg)  # injects into theirs.unet in place
+    text = get_peft_model(theirs.text_encoder, text_cfg)
+    _randomize_lora_b(unet, 1)
+    _randomize_lora_b(text, 2)
+    theirs_image = run_pipe(theirs, "a photo")
+    unet.save_pretrained(tmp_path / "adapter" / "unet")
+    text.save_pretrained(tmp_path / "adapter" / "text_encoder")
+
+    lora = read_any(tmp_path / "adapter", base=pipe)
+    assert lora.metadata["source_format"] == "peft"
+    ranks = lora.ranks()
+    assert ranks["unet"]["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"] == 2  # rank_pattern
+    assert set(ranks["text_encoder"].values()) == {2} and len(ranks["unet"]) > 10
+    _ours_matches(pipe, lora, theirs_image, base_image)
+    # a single adapter folder: the component is told by the module names
+    alone = read_any(tmp_path / "adapter" / "text_encoder", base=pipe)
+    assert not alone.unet and alone.text_encoder.keys() == lora.text_encoder.keys()
+    # and it converts like any other LoRA (diffusers' own loader reads the result)
+    assert cli(["convert", str(tmp_path / "adapter"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
+    _same(read_any(tmp_path / "k.safetensors", base=pipe).state_dict(), lora.state_dict())
+
+
+def test_save_lora_adapter_files_read_as_diffusers_applies_them(tiny_model, pipe, tmp_path):
+    from peft import LoraConfig
+
+    base_image = run_pipe(pipe, "a photo")
+    theirs = load_pipeline(tiny_model)
+    theirs.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=["to_k", "to_v", "conv1"]))
+    _randomize_lora_b(theirs.unet, 3)
+    theirs_image = run_pipe(theirs, "a photo")
+    theirs.unet.save_lora_adapter(tmp_path / "sla")
+    written = tmp_path / "sla" / "pytorch_lora_weights.safetensors"
+    for source in (written, tmp_path / "sla"):  # the file, and the folder it is in
+        lora = read_any(source, base=pipe)
+        assert lora.metadata["source_format"] == "peft" and lora.unet and not lora.text_encoder
+        _ours_matches(pipe, lora, theirs_image, base_image)
+
+
+def test_peft_adapters_a_lora_cannot_hold_are_refused(tiny_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    text = load_pipeline(tiny_model).text_encoder
+    get_peft_model(text, LoraConfig(r=2, use_dora=True, target_modules=["q_proj"])).save_pretrained(tmp_path / "dora")
+    with pytest.raises(ValueError, match="DoRA"):
+        read_any(tmp_path / "dora")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty: a folder, but not a LoRA.*adapter_config.json"):
+        read_any(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"adapter_config.json: not valid JSON"):
+        read_any(tmp_path / "bad")
