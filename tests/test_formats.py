@@ -332,3 +332,10 @@ def test_peft_adapters_a_lora_cannot_hold_are_refused(tiny_model, tmp_path):
     (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"adapter_config.json: not valid JSON"):
         read_any(tmp_path / "bad")
+
+
+def test_diffusers_folder_reads_back_with_its_tokens(pipe, lora, tmp_path):
+    export_diffusers(lora, tmp_path / "out")
+    back = read_any(tmp_path / "out", base=pipe)
+    assert set(back.tokens) == set(lora.tokens) and back.tokens
+    _same(back.state_dict(), lora.state_dict())
