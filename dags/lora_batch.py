@@ -39,10 +39,24 @@ with DAG(
             type="string",
             pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.*/$",
             title="Datasets prefix",
-            description="One folder of images per subject",
+            description="One folder of images per subject: s3://bucket/datasets/<subject>/",
+            section="Subjects",
         ),
-        "model_prefix": Param("lora-", type="string", pattern=r"^[A-Za-z0-9._-]*$", title="Model name prefix"),
-        "finetune_conf": Param({}, type="object", title="lora_finetune conf for every run"),
+        "model_prefix": Param(
+            "lora-",
+            type="string",
+            pattern=r"^[A-Za-z0-9._-]*$",
+            title="Model name prefix",
+            description="A subject's registered model is <prefix><subject>",
+            section="Subjects",
+        ),
+        "finetune_conf": Param(
+            None,
+            type=["null", "object"],
+            title="lora_finetune conf for every run",
+            description='Overrides of lora_finetune\'s form for every run, e.g. {"tune_steps": 500} (empty: its defaults)',
+            section="Fine-tuning",
+        ),
     },
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
 ) as dag:
@@ -51,7 +65,7 @@ with DAG(
     def scan(params=None) -> list[dict[str, Any]]:
         """The lora_finetune conf of every subject that needs a run."""
         subjects, uris = subjects_to_train(params["datasets_uri"], params["model_prefix"])
-        return finetune_confs(subjects, uris, params["model_prefix"], dict(params["finetune_conf"]))
+        return finetune_confs(subjects, uris, params["model_prefix"], dict(params["finetune_conf"] or {}))
 
     confs = scan()
     finetune = TriggerDagRunOperator.partial(

@@ -14,6 +14,8 @@ steps run (local subprocess, Docker, Kubernetes) is set by the deployment (`LORA
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sys
 from datetime import datetime, timedelta
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import DAG, Param, task
+from airflow.sdk.definitions.param import ParamValidationError
 
 sys.path.insert(0, str(Path(__file__).parent))  # the DAG folder's own modules, wherever it is mounted
 from lora_pipeline_tasks import ExecutorConfig, step_task  # noqa: E402
@@ -30,6 +33,7 @@ TOKENS_PATTERN = r"^<[^<>|\s]+>(\|<[^<>|\s]+>)*$"
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.*|/.+|file:///.+)$"
 
 PARAMS = {
+    # --- Data and model
     "dataset_uri": Param(
         "s3://lora-pipeline/datasets/example/",
         type="string",
@@ -43,6 +47,7 @@ PARAMS = {
         type="string",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
         title="Registered model name",
+        description="The MLflow registered model that receives the new version",
         section="Data and model",
     ),
     "base_model": Param(
@@ -53,14 +58,20 @@ PARAMS = {
         description="Hub id, local diffusers folder or s3:// prefix",
         section="Data and model",
     ),
+    # --- Tokens
     "placeholder_tokens": Param(
-        "<s1>|<s2>", type="string", pattern=TOKENS_PATTERN, title="Placeholder tokens", section="Tokens"
+        "<s1>|<s2>",
+        type="string",
+        pattern=TOKENS_PATTERN,
+        title="Placeholder tokens",
+        description="The new tokens the model learns, '|'-separated, e.g. <s1>|<s2>",
+        section="Tokens",
     ),
     "initializer_tokens": Param(
-        "",
-        type="string",
+        None,
+        type=["null", "string"],
         title="Initializer tokens",
-        description="Words that initialise the new tokens, '|'-separated (empty: random)",
+        description="Words that initialise the new tokens, one per token, '|'-separated (empty: random)",
         section="Tokens",
     ),
     "template": Param(
@@ -70,32 +81,50 @@ PARAMS = {
         description="object / style prompt templates, or none (the captions only)",
         section="Tokens",
     ),
-    "use_masks": Param(
-        False, type="boolean", title="Masked loss", description="Weight the loss by the subject masks", section="Tokens"
-    ),
+    # --- Captions and masks (the preprocess step; use_masks is where training uses them)
     "caption_model": Param(
-        "",
-        type="string",
+        None,
+        type=["null", "string"],
         title="Caption model",
         description="Captioning model id, 'none' to use the template only (empty: the step's default)",
-        section="Tokens",
+        section="Captions and masks",
+    ),
+    "token_substitution": Param(
+        None,
+        type=["null", "string"],
+        title="Token substitution",
+        description='"WORD|TOKENS" replaces WORD in captions by the tokens; TOKENS alone prepends them (empty: off)',
+        section="Captions and masks",
     ),
     "mask": Param(
         "clipseg",
         enum=["clipseg", "face", "none"],
         title="Masks",
         description="How subject masks are made (CLIPSeg on the phrases, face detection, or none)",
-        section="Data and model",
+        section="Captions and masks",
     ),
-    "mask_phrases": Param("face", type="string", title="Mask phrases", section="Data and model"),
-    "crop": Param("mask", enum=["mask", "center"], title="Crop", section="Data and model"),
-    "token_substitution": Param(
-        "",
+    "mask_phrases": Param(
+        "face",
         type="string",
-        title="Token substitution",
-        description='"WORD|TOKENS" replaces WORD in captions by the tokens; TOKENS alone prepends them',
-        section="Tokens",
+        title="Mask phrases",
+        description="What CLIPSeg looks for, '|'-separated (mask: clipseg)",
+        section="Captions and masks",
     ),
+    "crop": Param(
+        "mask",
+        enum=["mask", "center"],
+        title="Crop",
+        description="Square crop around the mask, or centred",
+        section="Captions and masks",
+    ),
+    "use_masks": Param(
+        False,
+        type="boolean",
+        title="Masked loss",
+        description="Weight the loss of inversion and tuning by the subject masks",
+        section="Captions and masks",
+    ),
+    # --- Training
     "ranks": Param(
         [4, 1],
         type="array",
@@ -104,7 +133,16 @@ PARAMS = {
         maxItems=8,
         uniqueItems=True,
         title="Ranks to distill",
-        description="One distilled LoRA per rank; the best one is registered",
+        description="One distilled LoRA per rank (each at most the tuning rank); the best one is registered",
+        section="Training",
+    ),
+    "tune_rank": Param(
+        4,
+        type="integer",
+        minimum=1,
+        maximum=256,
+        title="Rank while tuning",
+        description="LoRA rank of pivotal tuning",
         section="Training",
     ),
     "batch_size": Param(
@@ -116,16 +154,71 @@ PARAMS = {
         description="Images per optimizer step",
         section="Training",
     ),
-    "tune_rank": Param(4, type="integer", minimum=1, maximum=256, title="Rank while tuning", section="Training"),
-    "invert_steps": Param(1000, type="integer", minimum=1, maximum=100000, title="Inversion steps", section="Training"),
-    "invert_lr": Param(5e-4, type="number", exclusiveMinimum=0, maximum=1, title="Inversion LR", section="Training"),
-    "tune_steps": Param(1000, type="integer", minimum=1, maximum=100000, title="Tuning steps", section="Training"),
-    "tune_lr_unet": Param(1e-4, type="number", exclusiveMinimum=0, maximum=1, title="UNet LR", section="Training"),
-    "tune_lr_text": Param(1e-5, type="number", minimum=0, maximum=1, title="Text encoder LR", section="Training"),
-    "resolution": Param(
-        512, type="integer", minimum=8, maximum=2048, multipleOf=8, title="Resolution", section="Training"
+    "invert_steps": Param(
+        1000,
+        type="integer",
+        minimum=1,
+        maximum=100000,
+        title="Inversion steps",
+        description="Optimizer steps of textual inversion",
+        section="Training",
     ),
-    "seed": Param(0, type="integer", minimum=0, maximum=2**31 - 1, title="Seed", section="Training"),
+    "invert_lr": Param(
+        5e-4,
+        type="number",
+        exclusiveMinimum=0,
+        maximum=1,
+        title="Inversion LR",
+        description="Learning rate of the new token embeddings",
+        section="Training",
+    ),
+    "tune_steps": Param(
+        1000,
+        type="integer",
+        minimum=1,
+        maximum=100000,
+        title="Tuning steps",
+        description="Optimizer steps of LoRA tuning",
+        section="Training",
+    ),
+    "tune_lr_unet": Param(
+        1e-4,
+        type="number",
+        exclusiveMinimum=0,
+        maximum=1,
+        title="UNet LR",
+        description="Learning rate of the UNet LoRA",
+        section="Training",
+    ),
+    "tune_lr_text": Param(
+        1e-5,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Text encoder LR",
+        description="Learning rate of the text-encoder LoRA (0: UNet only)",
+        section="Training",
+    ),
+    "resolution": Param(
+        512,
+        type="integer",
+        minimum=8,
+        maximum=2048,
+        multipleOf=8,
+        title="Resolution",
+        description="Training and evaluation image size in pixels (a multiple of 8)",
+        section="Training",
+    ),
+    "seed": Param(
+        0,
+        type="integer",
+        minimum=0,
+        maximum=2**31 - 1,
+        title="Seed",
+        description="Seed of every step (preprocess, training, evaluation)",
+        section="Training",
+    ),
+    # --- Evaluation
     "promotion_metric": Param(
         "clip_i",
         enum=["clip_i", "clip_t", "classifier"],
@@ -134,14 +227,18 @@ PARAMS = {
         section="Evaluation",
     ),
     "clip_model": Param(
-        "",
-        type="string",
+        None,
+        type=["null", "string"],
         title="CLIP model for evaluation",
-        description="Empty: the step's default",
+        description="Hub id or folder of the CLIP scorer (empty: the step's default)",
         section="Evaluation",
     ),
     "dino_model": Param(
-        "", type="string", title="DINO model for evaluation", description="Empty: no DINO score", section="Evaluation"
+        None,
+        type=["null", "string"],
+        title="DINO model for evaluation",
+        description="Hub id or folder of the DINO scorer (empty: no DINO score)",
+        section="Evaluation",
     ),
     "classifier_model": Param(
         None,
@@ -159,19 +256,29 @@ PARAMS = {
         section="Evaluation",
     ),
     "class_word": Param(
-        "", type="string", title="Class word", description='The subject\'s class, e.g. "dog"', section="Evaluation"
+        None,
+        type=["null", "string"],
+        title="Class word",
+        description='The subject\'s class, e.g. "dog" (empty: none)',
+        section="Evaluation",
     ),
     "eval_prompts": Param(
-        [],
-        type="array",
+        None,
+        type=["null", "array"],
         items={"type": "string", "minLength": 1},
         maxItems=16,
         title="Evaluation prompts",
-        description='Prompt templates with "{token}" (empty: the step\'s defaults)',
+        description='Prompt templates with "{token}", one per line (empty: the step\'s defaults)',
         section="Evaluation",
     ),
     "eval_inference_steps": Param(
-        30, type="integer", minimum=1, maximum=200, title="Sampling steps of the evaluation", section="Evaluation"
+        30,
+        type="integer",
+        minimum=1,
+        maximum=200,
+        title="Sampling steps of the evaluation",
+        description="Denoising steps of each evaluation image",
+        section="Evaluation",
     ),
     "eval_guidance_scale": Param(
         7.5,
@@ -188,16 +295,51 @@ PARAMS = {
         minimum=0,
         maximum=20,
         title="Frames of the LoRA-scale sweep GIF (0: off)",
+        description="Images of the sweep from LoRA scale 0 to 1 (0: no sweep)",
         section="Evaluation",
     ),
+    # --- Execution
     "executor_profile": Param(
         "auto",
         enum=["auto", "cuda", "cpu"],
         title="Executor profile",
         description="Device of the compute steps: auto (GPU when the executor provides one), cuda, cpu",
-        section="Evaluation",
+        section="Execution",
     ),
 }
+
+
+def with_form_defaults(params: dict[str, Param], raw: str) -> dict[str, Param]:
+    """`params` with the deployment's own defaults: `raw` is a JSON object {param: default} (empty: none).
+
+    The local profile (`make airflow`) sets `LORA_PIPELINE_FINETUNE_DEFAULTS` to the shapes world's setup, so
+    that the form triggers a run that works on a CPU without downloads. Raises ValueError naming the
+    variable for malformed JSON, an unknown param or a default its schema rejects.
+    """
+    if not raw.strip():
+        return params
+    try:
+        defaults = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"LORA_PIPELINE_FINETUNE_DEFAULTS: not valid JSON ({exc.msg})") from None
+    if not isinstance(defaults, dict):
+        raise ValueError(f"LORA_PIPELINE_FINETUNE_DEFAULTS: expected a JSON object, got {type(defaults).__name__}")
+    unknown = sorted(set(defaults) - set(params))
+    if unknown:
+        raise ValueError(f"LORA_PIPELINE_FINETUNE_DEFAULTS: unknown param(s) {unknown}")
+    out = dict(params)
+    for name, value in defaults.items():
+        out[name] = Param(value, params[name].description, schema=params[name].schema)
+        try:
+            out[name].resolve()
+        except ParamValidationError as exc:
+            raise ValueError(
+                f"LORA_PIPELINE_FINETUNE_DEFAULTS: {name}={value!r} is invalid: {str(exc).splitlines()[0]}"
+            ) from None
+    return out
+
+
+PARAMS = with_form_defaults(PARAMS, os.environ.get("LORA_PIPELINE_FINETUNE_DEFAULTS", ""))
 
 
 def run_key(run_id: str) -> str:
@@ -214,7 +356,7 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
     if max(ranks) > int(params["tune_rank"]):
         raise ValueError(f"ranks={ranks}: distilled ranks must not exceed tune_rank={params['tune_rank']}")
     tokens = params["placeholder_tokens"].split("|")
-    init = params["initializer_tokens"].strip()
+    init = (params["initializer_tokens"] or "").strip()
     if init and len(init.split("|")) != len(tokens):
         raise ValueError(
             f"initializer_tokens={init!r}: give one word per placeholder token ({len(tokens)}), '|'-separated"

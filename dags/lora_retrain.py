@@ -31,7 +31,16 @@ with DAG(
     start_date=datetime(2026, 1, 1),
     catchup=False,
     tags=["lora", "data"],
-    params={"subject": Param("example", type="string", pattern=SUBJECT_PATTERN, title="Subject")},
+    params={
+        "subject": Param(
+            "example",
+            type="string",
+            pattern=SUBJECT_PATTERN,
+            title="Subject",
+            description="The subject whose dataset changed: the folder s3://<bucket>/datasets/<subject>/",
+            section="Dataset",
+        )
+    },
     default_args=DEFAULT_ARGS,
 ):
 
@@ -55,8 +64,21 @@ with DAG(
     max_active_runs=1,
     tags=["lora", "data"],
     params={
-        "model_prefix": Param("lora-", type="string", pattern=r"^[A-Za-z0-9._-]*$", title="Model name prefix"),
-        "finetune_conf": Param({}, type="object", title="lora_finetune conf for every run"),
+        "model_prefix": Param(
+            "lora-",
+            type="string",
+            pattern=r"^[A-Za-z0-9._-]*$",
+            title="Model name prefix",
+            description="A subject's registered model is <prefix><subject>",
+            section="Subjects",
+        ),
+        "finetune_conf": Param(
+            None,
+            type=["null", "object"],
+            title="lora_finetune conf for every run",
+            description='Overrides of lora_finetune\'s form for every run, e.g. {"tune_steps": 500} (empty: its defaults)',
+            section="Fine-tuning",
+        ),
     },
     default_args=DEFAULT_ARGS,
 ):
@@ -69,7 +91,7 @@ with DAG(
         only = named if named and all((e.extra or {}).get("subject") for e in events) else None
         print(f"{len(events)} dataset event(s); checking {sorted(named) if only else 'every subject'}")
         subjects, uris = subjects_to_train(DATASETS.uri, params["model_prefix"], only=only)
-        return finetune_confs(subjects, uris, params["model_prefix"], dict(params["finetune_conf"]))
+        return finetune_confs(subjects, uris, params["model_prefix"], dict(params["finetune_conf"] or {}))
 
     confs = changed()
     finetune = TriggerDagRunOperator.partial(

@@ -18,6 +18,7 @@ os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="airflow-home-"))
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
 os.environ.pop("LORA_PIPELINE_EXECUTOR", None)
+os.environ.pop("LORA_PIPELINE_FINETUNE_DEFAULTS", None)
 sys.path.insert(0, str(DAGS))
 
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
@@ -59,6 +60,47 @@ def test_house_rules_on_every_dag(dagbag):
         assert dag.doc_md and dag.doc_md.strip().startswith("###"), dag_id
         for t in dag.tasks:
             assert t.retries >= 2, f"{dag_id}.{t.task_id} has retries={t.retries}"
+
+
+def _empty(value) -> bool:
+    return value is None or value in ("", [], {})
+
+
+def test_every_form_field_is_optional_or_filled_and_has_a_description_and_section(dagbag):
+    """The trigger form (Airflow 3 UI) marks a field required unless its type admits null: an empty default on a
+    non-nullable field opens the form in error with Trigger disabled. Checked on the served (serialised) DAGs."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    problems = []
+    for dag_id in sorted(dagbag.dags):
+        served = DagSerialization.from_dict(DagSerialization.to_dict(dagbag.dags[dag_id]))
+        for name, param in served.params.items():
+            param = served.params.get_param(name)
+            types = param.schema.get("type", [])
+            types = [types] if isinstance(types, str) else list(types)
+            where = f"{dag_id}.{name}"
+            if _empty(param.value) and "null" not in types:
+                problems.append(f"{where}: empty default {param.value!r} but type {types} is not nullable")
+            if not (param.description or "").strip():
+                problems.append(f"{where}: no description")
+            if not param.schema.get("section"):
+                problems.append(f"{where}: no section")
+        try:
+            served.params.validate()  # the defaults themselves pass the schema (the form opens valid)
+        except ParamValidationError as exc:
+            problems.append(f"{dag_id}: defaults do not validate: {exc}")
+    assert problems == []
+
+
+def test_finetune_form_sections_group_related_fields(finetune):
+    section = {name: finetune.params.get_param(name).schema["section"] for name in finetune.params}
+    assert {section[n] for n in ("mask", "mask_phrases", "crop", "use_masks")} == {"Captions and masks"}
+    assert section["executor_profile"] == "Execution"
+    assert section["clip_model"] == section["promotion_metric"] == "Evaluation"
+    # each section is one contiguous block of the form
+    order = list(dict.fromkeys(section.values()))
+    blocks = [s for i, s in enumerate(section.values()) if i == 0 or s != list(section.values())[i - 1]]
+    assert blocks == order, blocks
 
 
 def test_parsing_the_dags_imports_no_ml_stack_and_is_fast():
@@ -195,6 +237,41 @@ def test_build_commands_parse_with_the_real_step_parsers(served_params):
         module = importlib.import_module(f"steps.{step.removesuffix('_failed')}")
         for args in cmds[step] if step == "distill" else [cmds[step]]:
             module.build_parser().parse_args(args)  # argparse exits on an unknown or malformed flag
+
+
+def test_optional_fields_left_empty_add_no_flags(served_params):
+    # None (the form's empty optional field) and "" (older confs) both mean "the step's default"
+    for empty in (None, ""):
+        overrides = {k: empty for k in ("initializer_tokens", "caption_model", "token_substitution", "clip_model",
+                                        "dino_model", "class_word", "classifier_model")}  # fmt: skip
+        cmds = build_commands("r", _params(served_params, eval_prompts=None if empty is None else [], **overrides),
+                              "bkt")  # fmt: skip
+        flat = [a for step in ("preprocess", "invert", "evaluate") for a in cmds[step]]
+        for flag in ("--initializer-tokens", "--caption-model", "--token-substitution", "--clip-model",
+                     "--dino-model", "--class-word", "--classifier-model", "--prompts"):  # fmt: skip
+            assert flag not in flat, (empty, flag)
+        assert "None" not in flat
+
+
+def test_deployment_form_defaults_replace_the_param_defaults():
+    from lora_finetune import PARAMS, with_form_defaults
+
+    params = with_form_defaults(PARAMS, json.dumps({"base_model": "s3://b/models/sd/", "eval_prompts": ["a {token}"]}))
+    assert params["base_model"].value == "s3://b/models/sd/" and params["eval_prompts"].value == ["a {token}"]
+    assert params["base_model"].schema == PARAMS["base_model"].schema
+    assert params["base_model"].description == PARAMS["base_model"].description
+    assert PARAMS["base_model"].value == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # not modified in place
+    assert with_form_defaults(PARAMS, "") is PARAMS
+    for raw, message in (("{", "not valid JSON"), ("[1]", "JSON object"), ('{"rank": 4}', "unknown param"),
+                         ('{"tune_rank": -1}', "tune_rank")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"LORA_PIPELINE_FINETUNE_DEFAULTS.*{message}"):
+            with_form_defaults(PARAMS, raw)
+
+
+def test_bad_form_defaults_are_an_import_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("LORA_PIPELINE_FINETUNE_DEFAULTS", '{"ranks": [0]}')
+    errors = DagBag(dag_folder=str(DAGS / "lora_finetune.py")).import_errors
+    assert "LORA_PIPELINE_FINETUNE_DEFAULTS" in str(errors) and "ranks" in str(errors)
 
 
 @pytest.mark.parametrize(
