@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
+import re
 import sys
 
 from . import commands
@@ -37,14 +39,95 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser that parsed the command's own flags, e.g. the one of `train pti`."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or getattr(args, subs[0].dest, None) not in subs[0].choices:
+            return parser
+        parser = subs[0].choices[getattr(args, subs[0].dest)]
+
+
+def flag_names(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
+    """{option name in the library: the flag as the user typed it (else its first long spelling)}.
+
+    Config fields spelled differently from their flag (`num_inference_steps` is `--steps`) come from the
+    parser's `field_flags` default, set by the command module.
+    """
+    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    out = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", argparse.SUPPRESS):
+            continue
+        spellings = [o for o in action.option_strings if o.startswith("--")] or action.option_strings
+        out[action.dest] = next((o for o in spellings if o in typed), spellings[0])
+    field_flags = parser.get_default("field_flags") or {}
+    out.update({field: out.get(flag.lstrip("-").replace("-", "_"), flag) for field, flag in field_flags.items()})
+    return out
+
+
+def name_flags(message: str, flags: dict[str, str], file_values: frozenset[str] = frozenset()) -> str:
+    """`message` with the library's option names written as the command line's flags.
+
+    `lora_rank=0` -> `--lora_rank=0`, `select_metric='dino' needs dino_model` -> `--select-metric='dino'
+    needs --dino-model`. Names with an underscore are replaced wherever they stand as a word; one-word names
+    (`device`, `rank`) only as `name=`, where they cannot be ordinary words. Options in `file_values` came
+    from a config file and keep the file's spelling.
+    """
+    for field in sorted(flags, key=len, reverse=True):
+        if field in file_values:
+            continue
+        if "_" in field:
+            pattern = rf"(?<![\w.\-`'\[]){re.escape(field)}(?![\w\-])"
+        else:
+            pattern = rf"(?<![\w.\-`'\[]){re.escape(field)}(?==)"
+        message = re.sub(pattern, flags[field], message)
+    return message
+
+
+# transformers' fallback to its PIL image processors when torchvision is absent is the intended path here
+# (torchvision is not a dependency); its warning on every model load says nothing to act on
+_KNOWN_NOISE = re.compile(r"requires torchvision \(not installed\); falling back to")
+
+
+class _DropKnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _KNOWN_NOISE.search(record.getMessage())
+
+
+def quiet_known_warnings() -> None:
+    """Filter the log lines the ML stack prints on every run that need no action (logging only: no imports)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
+        logger.addFilter(_DropKnownNoise())
+
+
+def _file_keys(args: argparse.Namespace) -> frozenset[str]:
+    """Options whose value came from `--config FILE` (not typed as flags)."""
+    if not getattr(args, "config", None):
+        return frozenset()
+    try:
+        from .train_config import load_config_file
+
+        return frozenset(load_config_file(args.config))
+    except (OSError, ValueError):
+        return frozenset()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_known_warnings()
     try:
         return args.func(args) or 0
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
         if args.debug or os.environ.get("LORA_OPS_DEBUG"):
             raise
-        print(f"lora-ops {args.command}: error: {exc}", file=sys.stderr)
+        typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+        flags = flag_names(_leaf_parser(parser, args), argv)
+        from_file = frozenset(k for k in _file_keys(args) if k not in flags or flags[k] not in typed)
+        print(f"lora-ops {args.command}: error: {name_flags(str(exc), flags, from_file)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lora-ops {args.command}: interrupted", file=sys.stderr)

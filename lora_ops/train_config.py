@@ -24,6 +24,24 @@ COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "
 ALIASES = {"use_face_segmentation_condition": "use_masks", "use_mask_captioned_data": "use_masks"}
 
 
+def option(default, help: str):
+    """A config field with its help text: `lora-ops train --help`, docs/training.md and the class docstring
+    all read it from `field.metadata["help"]`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def help_text(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def document(cls):
+    """Append an `Args:` section, built from the fields' help, to a config class's docstring."""
+    own = [f for f in dataclasses.fields(cls) if f.name in cls.__dict__.get("__annotations__", {})]
+    lines = [f"        {f.name}: {help_text(f)} (default: {f.default!r})." for f in own]
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Args:\n" + "\n".join(lines) + "\n"
+    return cls
+
+
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
@@ -46,112 +64,92 @@ def _check_bool(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} must be true or false")
 
 
+@document
 @dataclass
 class TrainConfig:
-    """Options shared by every trainer.
+    """Options shared by every trainer (each field's help is in its metadata: `--help`, docs/training.md)."""
 
-    Args:
-        pretrained_model_name_or_path: base model: a diffusers folder or hub id.
-        instance_data_dir: folder of training images (captions `name.txt`, masks `name.mask.png`).
-        output_dir: where the output file and `checkpoints/` go.
-        pretrained_vae_name_or_path: another VAE (a folder with the VAE's files), optional.
-        revision: hub revision of the base model.
-        out_name: output file name without extension (`<output_dir>/<out_name>.safetensors`).
-        seed: seed of every random choice (data order, augmentation, noise, timesteps, LoRA init).
-        resolution: training resolution in pixels (a multiple of the VAE's downsampling factor).
-        crop: "center" or "random" crop after resizing the shorter side to `resolution`.
-        horizontal_flip: random horizontal flips.
-        color_jitter: random brightness/contrast (±10%).
-        on_bad_files: "error" (list unusable files in one error) or "skip" (drop them with a warning).
-        use_masks: weight the loss by the dataset's masks (original `use_face_segmentation_condition`
-            and `use_mask_captioned_data`: the masks come from preprocessing).
-        mask_temperature: mask weight = (mask + 0.01) ** mask_temperature, normalised to max 1.
-        train_inpainting: train a 9-channel inpainting UNet with random cutout masks.
-        train_batch_size: images per micro-batch.
-        gradient_accumulation_steps: micro-batches per optimizer step.
-        gradient_checkpointing: trade compute for memory in the UNet and text encoder.
-        mixed_precision: "auto" (bf16 on CUDA, fp32 on CPU), "no", "fp16" (with a gradient scaler), "bf16".
-        scale_lr: multiply every learning rate by train_batch_size * gradient_accumulation_steps.
-        lr_scheduler, lr_warmup_steps: schedule of the first phase (inversion; DreamBooth's only phase).
-        save_steps: write a checkpoint every this many optimizer steps (and at the end of each phase).
-        lora_rank, lora_alpha, lora_dropout_p: the LoRA adapters (alpha None = rank: scale 1).
-        use_extended_lora: LoRA on the ResNet convolutions too (preset "unet-extended").
-        learning_rate_unet, learning_rate_text: LoRA learning rates of UNet and text encoder.
-        weight_decay_lora: AdamW weight decay of the LoRA parameters.
-        train_text_encoder: add LoRA to the text encoder too.
-        use_8bit_adam: bitsandbytes AdamW8bit (needs CUDA and the bitsandbytes package).
-        cached_latents: "auto" (cache VAE latents when augmentation allows), "on", "off".
-        cache_text_embeddings: cache prompt embeddings while the text encoder is frozen.
-        min_snr_gamma: min-SNR-γ loss weighting (e.g. 5.0); None = plain MSE.
-        noise_offset: offset noise strength (e.g. 0.05); 0 = off.
-        max_grad_norm: gradient clipping norm; None = off.
-        device: "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
-        resume: None, "auto" (the latest complete checkpoint in output_dir, if any) or a checkpoint folder.
-        save_dtype: precision of the output file ("fp32", "fp16", "bf16").
-        eval_noises: measure the loss on every training image with this many fixed (noise, timestep)
-            pairs before and after each phase (metrics `<phase>/eval_loss_before|after`); 0 = off.
-        progress: show a progress bar.
-        compile: `torch.compile` the UNet: "auto" ("reduce-overhead", i.e. CUDA graphs, on CUDA; "none"
-            elsewhere), "none" (eager), "default", "reduce-overhead", "max-autotune", or "trace" (graphs
-            captured and run with eager kernels: checks tracing without a compiler). Falls back to eager,
-            with a warning, where compiling fails.
-        accumulation: how `gradient_accumulation_steps` run: "batch" (the micro-batches as one larger
-            batch: the same loss and gradient, fewer kernel launches, more memory), "loop" (one micro-batch
-            at a time), "auto" ("batch" unless LoRA dropout (random per call) or gradient checkpointing
-            (a sign that memory is short) is on).
-        channels_last: store the UNet's convolution weights channels-last (faster convolutions on tensor
-            cores).
-        cast_base_weights: with mixed precision, cast the frozen base Linear/Conv weights to the autocast
-            dtype once, instead of autocast casting them on every call (the same numbers: autocast
-            computes those layers in that dtype anyway). Trained parameters stay fp32.
-    """
-
-    pretrained_model_name_or_path: str = ""
-    instance_data_dir: str = ""
-    output_dir: str = ""
-    pretrained_vae_name_or_path: str | None = None
-    revision: str | None = None
-    out_name: str = "final_lora"
-    seed: int = 42
-    resolution: int = 512
-    crop: Literal["center", "random"] = "center"
-    horizontal_flip: bool = False
-    color_jitter: bool = False
-    on_bad_files: Literal["error", "skip"] = "error"
-    use_masks: bool = False
-    mask_temperature: float = 1.0
-    train_inpainting: bool = False
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    mixed_precision: Precision = "auto"
-    scale_lr: bool = False
-    lr_scheduler: Scheduler = "constant"
-    lr_warmup_steps: int = 0
-    save_steps: int = 500
-    lora_rank: int = 4
-    lora_alpha: float | None = None
-    lora_dropout_p: float = 0.0
-    use_extended_lora: bool = False
-    learning_rate_unet: float = 1e-4
-    learning_rate_text: float = 1e-5
-    weight_decay_lora: float = 0.001
-    train_text_encoder: bool = False
-    use_8bit_adam: bool = False
-    cached_latents: Literal["auto", "on", "off"] = "auto"
-    cache_text_embeddings: bool = True
-    min_snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    max_grad_norm: float | None = 1.0
-    device: str = "auto"
-    resume: str | None = None
-    save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    eval_noises: int = 2
-    progress: bool = True
-    compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune", "trace"] = "auto"
-    accumulation: Literal["auto", "batch", "loop"] = "auto"
-    channels_last: bool = False
-    cast_base_weights: bool = True
+    pretrained_model_name_or_path: str = option("", "base model: a diffusers folder or hub id (required)")
+    instance_data_dir: str = option(
+        "", "folder of training images, with captions `name.txt` and masks `name.mask.png` (required)"
+    )
+    output_dir: str = option("", "where the output file and `checkpoints/` go (required)")
+    pretrained_vae_name_or_path: str | None = option(None, "another VAE: a folder with the VAE's files")
+    revision: str | None = option(None, "hub revision of the base model")
+    out_name: str = option("final_lora", "output file name without extension: `<output_dir>/<out_name>.safetensors`")
+    seed: int = option(42, "seed of every random choice: data order, augmentation, noise, timesteps, LoRA init")
+    resolution: int = option(512, "training resolution in pixels (a multiple of the VAE's downsampling factor)")
+    crop: Literal["center", "random"] = option("center", "crop after resizing the shorter side to `resolution`")
+    horizontal_flip: bool = option(False, "random horizontal flips")
+    color_jitter: bool = option(False, "random brightness and contrast (±10%); the original lora_pti defaulted to on")
+    on_bad_files: Literal["error", "skip"] = option(
+        "error", "unusable image files: `error` lists them all in one error, `skip` drops them with a warning"
+    )
+    use_masks: bool = option(
+        False,
+        "weight the loss by the dataset's masks (from preprocessing); the original "
+        "`use_face_segmentation_condition` and `use_mask_captioned_data` mean this",
+    )
+    mask_temperature: float = option(1.0, "mask weight = (mask + 0.01) ** mask_temperature, normalised to max 1")
+    train_inpainting: bool = option(False, "train a 9-channel inpainting UNet with random cutout masks")
+    train_batch_size: int = option(1, "images per micro-batch")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    gradient_checkpointing: bool = option(False, "trade compute for memory in the UNet and text encoder")
+    mixed_precision: Precision = option(
+        "auto", "`auto` (bf16 on CUDA, fp32 elsewhere), `no`, `fp16` (with a gradient scaler), `bf16`"
+    )
+    scale_lr: bool = option(False, "multiply every learning rate by train_batch_size × gradient_accumulation_steps")
+    lr_scheduler: Scheduler = option(
+        "constant", "learning-rate schedule of the first phase (inversion; DreamBooth's only phase)"
+    )
+    lr_warmup_steps: int = option(0, "warm-up steps of `lr_scheduler`")
+    save_steps: int = option(500, "write a checkpoint every this many optimizer steps (and at the end of each phase)")
+    lora_rank: int = option(4, "rank r of the LoRA adapters")
+    lora_alpha: float | None = option(None, "LoRA alpha: the adapters' scale is alpha / r; none = r (scale 1)")
+    lora_dropout_p: float = option(0.0, "dropout probability on the LoRA path")
+    use_extended_lora: bool = option(False, "LoRA on the UNet's ResNet convolutions too (preset `unet-extended`)")
+    learning_rate_unet: float = option(1e-4, "learning rate of the UNet LoRA")
+    learning_rate_text: float = option(1e-5, "learning rate of the text-encoder LoRA")
+    weight_decay_lora: float = option(0.001, "AdamW weight decay of the LoRA parameters")
+    train_text_encoder: bool = option(False, "add LoRA to the text encoder's attention too")
+    use_8bit_adam: bool = option(False, "bitsandbytes AdamW8bit (needs CUDA and the bitsandbytes package)")
+    cached_latents: Literal["auto", "on", "off"] = option(
+        "auto", "cache the VAE latents: `auto` (when no augmentation changes the images), `on`, `off`"
+    )
+    cache_text_embeddings: bool = option(True, "cache prompt embeddings while the text encoder is frozen")
+    min_snr_gamma: float | None = option(None, "min-SNR-γ loss weighting (e.g. 5.0); none = plain MSE")
+    noise_offset: float = option(0.0, "offset-noise strength (e.g. 0.05); 0 = off")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm; none = off")
+    device: str = option("auto", "`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`")
+    resume: str | None = option(
+        None, "`auto` (the latest complete checkpoint in output_dir, if any) or a checkpoint folder; none = fresh"
+    )
+    save_dtype: Literal["fp32", "fp16", "bf16"] = option("fp32", "precision of the output file")
+    eval_noises: int = option(
+        2,
+        "measure the loss on every training image with this many fixed (noise, timestep) pairs before and "
+        "after each phase (metrics `<phase>/eval_loss_before|after`); 0 = off",
+    )
+    progress: bool = option(True, "show a progress bar")
+    compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune", "trace"] = option(
+        "auto",
+        "`torch.compile` the UNet: `auto` (`reduce-overhead`, i.e. CUDA graphs, on CUDA; `none` elsewhere), "
+        "`none` (eager), `default`, `reduce-overhead`, `max-autotune`, or `trace` (graphs captured and run with "
+        "eager kernels: checks tracing without a compiler); falls back to eager, with a warning, where "
+        "compiling fails",
+    )
+    accumulation: Literal["auto", "batch", "loop"] = option(
+        "auto",
+        "how gradient_accumulation_steps run: `batch` (the micro-batches as one larger batch: the same loss "
+        "and gradient, fewer kernel launches, more memory), `loop` (one micro-batch at a time), `auto` "
+        "(`batch` unless LoRA dropout or gradient checkpointing is on)",
+    )
+    channels_last: bool = option(False, "store the UNet's convolution weights channels-last (faster on tensor cores)")
+    cast_base_weights: bool = option(
+        True,
+        "with mixed precision, cast the frozen base Linear/Conv weights to the autocast dtype once instead of "
+        "on every call (the same numbers); trained parameters stay fp32",
+    )
 
     def __post_init__(self):
         for name in ("pretrained_model_name_or_path", "instance_data_dir", "output_dir"):
@@ -220,55 +218,55 @@ class TrainConfig:
         return cls(**out)
 
 
+@document
 @dataclass
 class PTIConfig(TrainConfig):
-    """Pivotal tuning: phase 1 learns new tokens (textual inversion), phase 2 tunes LoRA around them.
+    """Pivotal tuning: phase 1 learns new tokens (textual inversion), phase 2 tunes LoRA around them."""
 
-    Args:
-        placeholder_tokens: the new tokens, "<s1>|<s2>".
-        initializer_tokens: one word per token ("dog|toy") or one for all; None = random rows with the
-            mean norm of the vocabulary. "<rand-0.017>" (random, that std) and "<zero>" as the original.
-        placeholder_token_at_data: "word|<s1><s2>": replace `word` in captions by the tokens.
-        use_template: "object", "style" or "none" (captions from `name.txt` or file names).
-        templates: a user list of templates (each with one "{}"), instead of use_template.
-        perform_inversion: run phase 1.
-        perform_tuning: run phase 2.
-        max_train_steps_ti, max_train_steps_tuning: optimizer steps of each phase.
-        learning_rate_ti, weight_decay_ti: phase 1 AdamW settings of the token rows.
-        clip_ti_decay: after each phase-1 step pull the token norms toward `ti_target_norm`, with
-            strength min(1, 100 · lr), as the original `clip_ti_decay`.
-        ti_target_norm: target norm of the token rows; None (default): the mean norm of the base
-            vocabulary's rows, measured from the text encoder (the original's fixed 0.4 was chosen for SD's
-            CLIP vocabulary; a text encoder with other embedding norms needs its own).
-        continue_inversion: keep training the tokens in phase 2, at `continue_inversion_lr`
-            (None = learning_rate_ti).
-        lr_scheduler_lora, lr_warmup_steps_lora: schedule of phase 2.
-        prior_data_dir: a folder of regularization images with their own captions (`name.txt`: images of
-            what the model should keep drawing, e.g. its class in other contexts; kohya's reg images). Each
-            phase-2 batch holds as many of them as instance images, their loss weighted by
-            `prior_loss_weight`: LoRA learns the concept without redrawing everything else as it.
-        prior_loss_weight: weight of the regularization images' loss.
-    """
-
-    placeholder_tokens: str = "<s>"
-    initializer_tokens: str | None = None
-    placeholder_token_at_data: str | None = None
-    use_template: Literal["object", "style", "none"] = "none"
-    templates: list[str] | None = None
-    perform_inversion: bool = True
-    perform_tuning: bool = True
-    max_train_steps_ti: int = 1000
-    max_train_steps_tuning: int = 1000
-    learning_rate_ti: float = 5e-4
-    weight_decay_ti: float = 0.0
-    clip_ti_decay: bool = True
-    ti_target_norm: float | None = None
-    continue_inversion: bool = False
-    continue_inversion_lr: float | None = None
-    prior_data_dir: str | None = None
-    prior_loss_weight: float = 1.0
-    lr_scheduler_lora: Scheduler = "linear"
-    lr_warmup_steps_lora: int = 0
+    placeholder_tokens: str = option("<s>", "the new tokens, `<s1>|<s2>`")
+    initializer_tokens: str | None = option(
+        None,
+        "one word per token (`dog|toy`) or one for all; `<rand-0.017>` (random, that std) and `<zero>` as the "
+        "original; none = random rows with the vocabulary's mean norm",
+    )
+    placeholder_token_at_data: str | None = option(
+        None, "`word|<s1><s2>`: replace `word` in the captions by the tokens"
+    )
+    use_template: Literal["object", "style", "none"] = option(
+        "none", "prompt templates `object` or `style`; `none`: captions from `name.txt` or the file names"
+    )
+    templates: list[str] | None = option(
+        None, "your own prompt templates (each with one `{}`), instead of use_template"
+    )
+    perform_inversion: bool = option(True, "run phase 1, textual inversion")
+    perform_tuning: bool = option(True, "run phase 2, LoRA tuning")
+    max_train_steps_ti: int = option(1000, "optimizer steps of phase 1 (textual inversion)")
+    max_train_steps_tuning: int = option(1000, "optimizer steps of phase 2 (LoRA tuning)")
+    learning_rate_ti: float = option(5e-4, "learning rate of the token rows in phase 1")
+    weight_decay_ti: float = option(0.0, "AdamW weight decay of the token rows in phase 1")
+    clip_ti_decay: bool = option(
+        True,
+        "after each phase-1 step pull the token norms toward ti_target_norm, with strength min(1, 100 · lr), "
+        "as the original",
+    )
+    ti_target_norm: float | None = option(
+        None,
+        "target norm of the token rows; none = the mean norm of the base vocabulary's rows, measured from the "
+        "text encoder (the original's fixed 0.4 suits SD's CLIP only)",
+    )
+    continue_inversion: bool = option(False, "keep training the tokens in phase 2, at continue_inversion_lr")
+    continue_inversion_lr: float | None = option(
+        None, "learning rate of the tokens in phase 2 with continue_inversion; none = learning_rate_ti"
+    )
+    prior_data_dir: str | None = option(
+        None,
+        "folder of regularization images with their own captions (`name.txt`; kohya's reg images): each "
+        "phase-2 batch holds as many of them as instance images, so the LoRA learns the concept without "
+        "redrawing everything else as it",
+    )
+    prior_loss_weight: float = option(1.0, "weight of the regularization images' loss (prior_data_dir)")
+    lr_scheduler_lora: Scheduler = option("linear", "learning-rate schedule of phase 2")
+    lr_warmup_steps_lora: int = option(0, "warm-up steps of `lr_scheduler_lora`")
 
     def __post_init__(self):
         super().__post_init__()
@@ -301,32 +299,26 @@ class PTIConfig(TrainConfig):
             raise ValueError("perform_inversion and perform_tuning are both false: nothing to train")
 
 
+@document
 @dataclass
 class DreamBoothConfig(TrainConfig):
-    """DreamBooth LoRA: an instance prompt with a rare token, and optional prior preservation.
+    """DreamBooth LoRA: an instance prompt with a rare token, and optional prior preservation."""
 
-    Args:
-        instance_prompt: prompt of every instance image, e.g. "a photo of sks dog".
-        class_prompt: prompt of the class images, e.g. "a photo of dog" (needed with prior preservation).
-        with_prior_preservation: add the class images' loss, weighted by prior_loss_weight.
-        prior_loss_weight: weight of the class (prior) loss.
-        class_data_dir: folder of class images; missing ones (up to num_class_images) are generated
-            with the base model and written there.
-        num_class_images: how many class images to use.
-        sample_batch_size: batch size of class image generation.
-        class_inference_steps: denoising steps per generated class image.
-        max_train_steps: optimizer steps.
-    """
-
-    instance_prompt: str = ""
-    class_prompt: str | None = None
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    class_data_dir: str | None = None
-    num_class_images: int = 100
-    sample_batch_size: int = 4
-    class_inference_steps: int = 25
-    max_train_steps: int = 1000
+    instance_prompt: str = option("", "prompt of every instance image, e.g. `a photo of sks dog` (required)")
+    class_prompt: str | None = option(
+        None, "prompt of the class images, e.g. `a photo of dog` (needed with with_prior_preservation)"
+    )
+    with_prior_preservation: bool = option(False, "add the class images' loss, weighted by prior_loss_weight")
+    prior_loss_weight: float = option(1.0, "weight of the class (prior) loss")
+    class_data_dir: str | None = option(
+        None,
+        "folder of class images; missing ones (up to num_class_images) are generated with the base model and "
+        "written there",
+    )
+    num_class_images: int = option(100, "how many class images to use")
+    sample_batch_size: int = option(4, "batch size of class-image generation")
+    class_inference_steps: int = option(25, "denoising steps per generated class image")
+    max_train_steps: int = option(1000, "optimizer steps")
 
     def __post_init__(self):
         super().__post_init__()

@@ -1,1 +1,43 @@
-"""Subcommands of `lora-ops`; every module here is discovered by `lora_ops.cli`."""
+"""Subcommands of `lora-ops`; every module here is discovered by `lora_ops.cli`.
+
+What the command modules share: the help layout (`examples(...)`: an epilog of runnable example lines) and
+the `--device` flag (`add_device_flag`, `resolve_device`). Nothing here imports torch at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEVICE_HELP = "auto (CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N, mps (default: auto)"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions and help as usual, keeps the `examples:` epilog line for line."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def examples(*lines: str) -> dict:
+    """`add_parser` keyword arguments for an epilog of example command lines (each runnable as written)."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": HelpFormatter}
+
+
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def resolve_device(name: str) -> str:
+    """`auto` -> "cuda" if available, else "mps" if available, else "cpu"; any other name as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"

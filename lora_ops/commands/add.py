@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import examples
+
 MODES = ("upl", "upl-ckpt", "lpl", "ljl")
 
 
@@ -84,6 +86,11 @@ def register(sub) -> None:
         description="upl: W += alpha·ΔW into a diffusers folder. upl-ckpt: the same as one original-layout "
         "checkpoint plus an A1111 embedding. lpl: ΔW = Σ wᵢ ΔWᵢ (exact by rank concatenation, optional SVD "
         "to --rank). ljl: one file whose parts load as separate adapters with their own scales.",
+        **examples(
+            "lora-ops add upl my_lora.safetensors --base ./sd15 --alpha 0.8 --out ./sd15-merged",
+            "lora-ops add lpl a.safetensors b.safetensors --weights 0.7 0.3 --out ab.safetensors",
+            "lora-ops add ljl style.safetensors subject.safetensors --names style subject --out joined.safetensors",
+        ),
     )
     p.add_argument("mode", choices=MODES)
     p.add_argument("loras", nargs="+", help="LoRA files (any supported format)")
@@ -97,4 +104,4 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, help="lpl --merge-mode svd: target rank")
     p.add_argument("--names", nargs="+", help="ljl: one adapter name per part")
     p.add_argument("--allow-mixed-bases", action="store_true", help="combine LoRAs recorded for different bases")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, field_flags={"mode": "--merge-mode"})  # merge_loras(mode=) is --merge-mode

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from . import examples
 
 FORMATS = ("native", "diffusers", "kohya", "lora_diffusion", "a1111_embedding")
 
@@ -31,11 +31,12 @@ def register(sub) -> None:
         "convert",
         help="convert a LoRA or embedding between formats (native, diffusers, kohya, lora_diffusion, A1111)",
         description="Reads any supported format (.safetensors, or .pt/.bin read with weights_only=True) and "
-        "writes FORMAT. Scales are preserved exactly (see docs/surgery.md).\n\nexamples:\n"
-        "  lora-ops convert pti.safetensors a1111.safetensors --to kohya                   # tokens bundled\n"
-        "  lora-ops convert pti.safetensors comfy.safetensors --to kohya --tokens separate  # + comfy.s1.safetensors\n"
-        "  lora-ops convert pti.safetensors out/ --to diffusers",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "writes FORMAT. Scales are preserved exactly (see docs/surgery.md).",
+        **examples(
+            "lora-ops convert pti.safetensors a1111.safetensors --to kohya                   # tokens bundled",
+            "lora-ops convert pti.safetensors comfy.safetensors --to kohya --tokens separate  # + comfy.s1.safetensors",
+            "lora-ops convert pti.safetensors out/ --to diffusers",
+        ),
     )
     p.add_argument("input", help="input file (format detected from metadata and keys)")
     p.add_argument(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from . import add_device_flag, examples, resolve_device
+
 
 def _scale(text: str):
     """ "0.8" (both) or "1.0:0.5" (unet:text_encoder)."""
@@ -47,7 +49,7 @@ def run(args) -> int:
         select_metric=args.select_metric,
         tolerance=args.tolerance,
         overwrite=args.overwrite,
-        device=args.device,
+        device=resolve_device(args.device),
         dtype=args.dtype,
     )
     result = evaluate_loras(config)
@@ -71,6 +73,10 @@ def register(sub) -> None:
         "evaluate",
         help="generate fixed prompts and seeds with LoRAs; CLIP-T/CLIP-I/DINO metrics, grids, alpha sweep",
         description="Writes metrics.json, comparison.md, comparison.png, sweep.png and per-LoRA grids and GIFs.",
+        **examples(
+            "lora-ops evaluate ./sd15 tune/lora.safetensors --out eval/ --class-word dog --instance-dir ./dog",
+            "lora-ops evaluate ./sd15 a.safetensors b.safetensors --out cmp/ --scale 0.8 --scale 1.0:0.5 --seed 0",
+        ),
     )
     p.add_argument("model", help="base model: hub id or diffusers folder")
     p.add_argument("loras", nargs="+", help="LoRA files (several: comparison mode)")
@@ -96,6 +102,16 @@ def register(sub) -> None:
     p.add_argument("--select-metric", choices=("clip_i", "clip_t", "dino", "classifier"), default="clip_i")
     p.add_argument("--tolerance", type=float, default=0.02, help="how far below the best CLIP-T a pick may be")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device", default="cpu")
+    add_device_flag(p)
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p.set_defaults(func=run)
+    p.set_defaults(
+        func=run,
+        field_flags={  # EvaluateConfig fields spelled differently from their flags
+            "output_dir": "--out",
+            "prompts": "--prompt",
+            "names": "--name",
+            "scales": "--scale",
+            "seeds": "--seed",
+            "num_inference_steps": "--steps",
+        },
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import add_device_flag, examples, resolve_device
+
 
 def run(args) -> int:
     from ..generate import GenerateConfig, LoraUse, generate, save_images
@@ -20,7 +22,7 @@ def run(args) -> int:
         height=args.height,
         width=args.width,
         strength=args.strength,
-        device=args.device,
+        device=resolve_device(args.device),
         dtype=args.dtype,
     )
     paths, grid = save_images(generate(config), config, args.out)
@@ -29,7 +31,17 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate images with a base model and LoRAs")
+    p = sub.add_parser(
+        "generate",
+        help="generate images with a base model and LoRAs",
+        **examples(
+            'lora-ops generate --model ./sd15 --prompt "a photo of <s1><s2>" --lora my_lora.safetensors --out imgs/',
+            'lora-ops generate --model ./sd15 --prompt "a dog" --lora a.safetensors:0.8:0.5 --seed 0 --seed 1 '
+            "--out imgs/",
+            'lora-ops generate --model ./sd15 --task img2img --init-image in.png --strength 0.6 --prompt "a dog" '
+            "--out imgs/",
+        ),
+    )
     p.add_argument("--model", required=True, help="base model: hub id or diffusers folder")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     p.add_argument(
@@ -49,10 +61,13 @@ def register(sub) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--strength", type=float, default=0.75, help="img2img/inpaint strength")
-    p.add_argument("--device", default="cpu")
+    add_device_flag(p)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--out", required=True, help="output folder (PNGs and grid.png)")
-    p.set_defaults(func=lambda a: run(_defaults(a)))
+    p.set_defaults(
+        func=lambda a: run(_defaults(a)),
+        field_flags={"prompts": "--prompt", "loras": "--lora", "seeds": "--seed", "guidance_scale": "--guidance"},
+    )
 
 
 def _defaults(args):

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+from . import examples
+
 
 def _norm(mod) -> float:
     """‖B A‖_F from the factors: ‖BA‖² = Σ (BᵀB) ⊙ (AAᵀ), no dense ΔW."""
@@ -105,7 +107,15 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("inspect", help="describe a LoRA or embedding file of any supported format")
+    p = sub.add_parser(
+        "inspect",
+        help="describe a LoRA or embedding file of any supported format",
+        **examples(
+            "lora-ops inspect my_lora.safetensors",
+            "lora-ops inspect lora_disney.safetensors --base ./sd15 --modules",
+            "lora-ops inspect my_lora.safetensors --json",
+        ),
+    )
     p.add_argument("file")
     p.add_argument("--base", help="base model folder: names lora_diffusion modules and checks shapes")
     p.add_argument("--modules", action="store_true", help="list every module with its rank and ‖ΔW‖_F")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import examples
+
 ARCHS = ("tiny", "sd15", "sd21")  # lora_ops.tiny.ARCHS (a test checks they agree); importing it loads torch
 
 
@@ -14,7 +16,11 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("make-tiny-model", help="write a Stable Diffusion folder with random weights (no download)")
+    p = sub.add_parser(
+        "make-tiny-model",
+        help="write a Stable Diffusion folder with random weights (no download)",
+        **examples("lora-ops make-tiny-model ./tiny", "lora-ops make-tiny-model ./sd15-shape --arch sd15"),
+    )
     p.add_argument("dir", help="output folder")
     p.add_argument("--arch", choices=ARCHS, default="tiny", help="tiny (CPU tests) or the SD 1.5 / 2.1 shapes")
     p.add_argument("--inpainting", action="store_true", help="9-channel inpainting UNet")

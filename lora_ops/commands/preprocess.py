@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from . import add_device_flag, examples, resolve_device
+
 
 def run(args) -> int:
     from ..preprocess import PreprocessConfig, preprocess_dataset
@@ -28,7 +30,7 @@ def run(args) -> int:
         min_size=args.min_size,
         on_error="skip" if args.skip_bad else "raise",
         overwrite=args.overwrite,
-        device=args.device,
+        device=resolve_device(args.device),
         dtype=args.dtype,
         seed=args.seed,
     )
@@ -52,6 +54,10 @@ def register(sub) -> None:
         "preprocess",
         help="caption (BLIP), mask (CLIPSeg or faces), crop and resize images into a training dataset",
         description="Writes <name>.png, <name>.txt, <name>.mask.png, manifest.json and preview/contact_sheet.png.",
+        **examples(
+            'lora-ops preprocess photos/ dataset/ --resolution 512 --caption-token "<s1><s2>" --substitute "a man"',
+            "lora-ops preprocess photos/ dataset/ --caption-model none --mask none --crop center",
+        ),
     )
     p.add_argument("input_dir", help="folder of images")
     p.add_argument("output_dir", help="dataset folder to write (must be empty unless --overwrite)")
@@ -82,7 +88,10 @@ def register(sub) -> None:
     p.add_argument("--min-size", type=int, default=64, help="shorter sides below this are bad input")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable or tiny images with a warning")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--device", default="cpu")
+    add_device_flag(p)
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run)
+    p.set_defaults(
+        func=run,
+        field_flags={"caption_substitute": "--substitute", "mask_prompts": "--mask-prompt", "on_error": "--skip-bad"},
+    )

@@ -6,6 +6,8 @@ import json
 import shlex
 import sys
 
+from . import examples
+
 
 def _pretrain(args) -> int:
     from ..shapes.pretrain import COMPONENTS, PretrainConfig, pretrain
@@ -46,10 +48,21 @@ def _path(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("shapes", help="the shapes world: a small pretrained model, its scorers and concepts")
+    p = sub.add_parser(
+        "shapes",
+        help="the shapes world: a small pretrained model, its scorers and concepts",
+        **examples("lora-ops shapes path sd", "lora-ops shapes dataset ring --out ./ring"),
+    )
     s = p.add_subparsers(dest="shapes_command", required=True, metavar="SUBCOMMAND")
 
-    q = s.add_parser("pretrain", help="train the base model, VAE, CLIP, DINO slot and evaluator (seeded)")
+    q = s.add_parser(
+        "pretrain",
+        help="train the base model, VAE, CLIP, DINO slot and evaluator (seeded)",
+        **examples(
+            "lora-ops shapes pretrain --out ./shapes-smoke --steps-scale 0.01",
+            "lora-ops shapes pretrain --out ./shapes",
+        ),
+    )
     q.add_argument("--out", required=True, help="output folder (sd/, clip/, dino/, evaluator/, manifest.json)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (0.01: smoke run)")
@@ -60,12 +73,22 @@ def register(sub) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     q.set_defaults(func=_pretrain)
 
-    q = s.add_parser("dataset", help="write the instance images of a held-out concept (ring, star, striped)")
+    q = s.add_parser(
+        "dataset",
+        help="write the instance images of a held-out concept (ring, star, striped)",
+        **examples(
+            "lora-ops shapes dataset ring --out ./ring", "lora-ops shapes dataset striped --out ./striped --seed 1"
+        ),
+    )
     q.add_argument("concept", help="ring (new subject of the class circle), star (new shape) or striped (style)")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_dataset)
 
-    q = s.add_parser("path", help="print the folder of a shipped model")
+    q = s.add_parser(
+        "path",
+        help="print the folder of a shipped model",
+        **examples("lora-ops shapes path", "lora-ops shapes path evaluator"),
+    )
     q.add_argument("part", nargs="?", default="sd", choices=["sd", "clip", "dino", "evaluator"])
     q.set_defaults(func=_path)

@@ -13,7 +13,8 @@ import json
 import types
 import typing
 
-from ..train_config import ALIASES, DreamBoothConfig, PTIConfig, load_config_file
+from ..train_config import ALIASES, DreamBoothConfig, PTIConfig, TrainConfig, help_text, load_config_file
+from . import examples, resolve_device
 
 _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n"}
@@ -36,27 +37,26 @@ def _optional(convert):
     return parse
 
 
-def _first_line(doc: str, name: str) -> str:
-    """The `name:` entry of a dataclass `Args:` docstring, joined to one line."""
-    lines = (doc or "").splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        stripped = line.strip()
-        names = [n.strip() for n in stripped.split(":", 1)[0].split(",")]
-        if ":" in stripped and name in names:
-            out.append(stripped.split(":", 1)[1].strip())
-            for follow in lines[i + 1 :]:
-                if not follow.strip() or ":" in follow.strip().split(" ", 1)[0]:
-                    break
-                out.append(follow.strip())
-            break
-    return " ".join(out).replace("%", "%%")
+def show_default(value) -> str:
+    """A default as it is typed on the command line: `none`, `true`, `4`, `<s>`."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _flag_help(f: dataclasses.Field) -> str:
+    text = help_text(f)
+    if f.default != "" or "(required)" not in text:
+        text += f" (default: {show_default(f.default)})"
+    return text.replace("%", "%%")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field (default: not given, so the config file's value stays)."""
+    """One flag per dataclass field, its help from the field's metadata (default: not given, so the config
+    file's value stays)."""
     hints = typing.get_type_hints(cls)
-    docs = "\n\n".join(c.__doc__ or "" for c in cls.__mro__)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -66,7 +66,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         inner = next(a for a in args if a is not type(None)) if optional else kind
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         names += [f"--{alias}" for alias, target in ALIASES.items() if target == f.name]
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": _first_line(docs, f.name)}
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": _flag_help(f)}
         origin = typing.get_origin(inner)
         if inner is bool:
             kwargs.update(nargs="?", const=True, type=_bool, metavar="BOOL")
@@ -80,6 +80,50 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         else:
             kwargs.update(type=_optional(inner) if optional else inner)
         parser.add_argument(*names, **kwargs)
+
+
+def options_table(cls, fields: list[str] | None = None) -> str:
+    """The markdown table of docs/training.md for `cls` (only `fields`, when given), from the same metadata."""
+    hints = typing.get_type_hints(cls)
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if fields is not None and f.name not in fields:
+            continue
+        values = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        if values and typing.get_origin(values[0]) is typing.Literal:
+            values = typing.get_args(values[0])
+        choices = ", ".join(f"`{v}`" for v in values) if all(isinstance(v, str) for v in values) and values else ""
+        meaning = help_text(f) + (f"; one of {choices}" if choices else "") + "."
+        default = "" if f.default == "" else f"`{show_default(f.default)}`"
+        rows.append(f"| `--{f.name}` | {default} | {meaning} |")
+    return "\n".join(row if i < 2 else _escape_pipes(row) for i, row in enumerate(rows)) + "\n"
+
+
+def _escape_pipes(row: str) -> str:
+    """Escape `|` inside the cells of one table row (the cell separators are ` | `)."""
+    cells = row[2:-2].split(" | ")
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def docs_tables() -> dict[str, str]:
+    """{marker: table} for the option tables in docs/training.md."""
+    shared = [f.name for f in dataclasses.fields(TrainConfig)]
+    return {
+        "shared": options_table(TrainConfig),
+        "pti": options_table(PTIConfig, [f.name for f in dataclasses.fields(PTIConfig) if f.name not in shared]),
+        "dreambooth": options_table(
+            DreamBoothConfig, [f.name for f in dataclasses.fields(DreamBoothConfig) if f.name not in shared]
+        ),
+    }
+
+
+def render_docs(text: str) -> str:
+    """`text` (docs/training.md) with every `<!-- options:NAME -->` … `<!-- /options -->` block regenerated."""
+    for name, table in docs_tables().items():
+        begin, end = f"<!-- options:{name} -->\n", "<!-- /options -->"
+        i = text.index(begin) + len(begin)
+        text = text[:i] + table + text[text.index(end, i) :]
+    return text
 
 
 def build_config(cls, args: argparse.Namespace):
@@ -139,6 +183,7 @@ def run_pti(args) -> int:
     _compat_notes(args)
 
     config = build_config(PTIConfig, args)
+    config.device = resolve_device(config.device)
     result = run_tuning(config, args.tokens_from) if args.tokens_from else train_pti(config)
     _report(result)
     return 0
@@ -148,17 +193,35 @@ def run_dreambooth(args) -> int:
     from ..dreambooth import train_dreambooth
 
     _compat_notes(args)
-    _report(train_dreambooth(build_config(DreamBoothConfig, args)))
+    config = build_config(DreamBoothConfig, args)
+    config.device = resolve_device(config.device)
+    _report(train_dreambooth(config))
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a LoRA: pivotal tuning (pti) or DreamBooth")
+    p = sub.add_parser(
+        "train",
+        help="train a LoRA: pivotal tuning (pti) or DreamBooth",
+        **examples(
+            "lora-ops train pti --pretrained_model_name_or_path=./sd15 --instance_data_dir=./photos "
+            '--output_dir=./out --placeholder_tokens="<s1>|<s2>" --use_template=object',
+            "lora-ops train dreambooth --pretrained_model_name_or_path=./sd15 --instance_data_dir=./dog "
+            '--output_dir=./out --instance_prompt="a photo of sks dog"',
+        ),
+    )
     trainers = p.add_subparsers(dest="trainer", required=True, metavar="TRAINER")
     pti = trainers.add_parser(
         "pti",
         help="pivotal tuning: textual inversion, then LoRA (the original lora_pti)",
         description="Pivotal tuning inversion. Flags mirror the original lora_pti; see docs/training.md.",
+        **examples(
+            "lora-ops make-tiny-model ./tiny",
+            "lora-ops train pti --pretrained_model_name_or_path=./tiny --instance_data_dir=./photos "
+            '--output_dir=./out --resolution=32 --placeholder_tokens="<s1>|<s2>" --use_template=object '
+            "--max_train_steps_ti=50 --max_train_steps_tuning=50",
+            "lora-ops train pti --config subject.yaml --max_train_steps_tuning=500 --resume=auto",
+        ),
     )
     pti.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     pti.add_argument("--tokens_from", "--tokens-from", help="run phase 2 only, from this phase-1 output file")
@@ -169,8 +232,23 @@ def register(sub) -> None:
         "dreambooth",
         help="DreamBooth LoRA with optional prior preservation",
         description="DreamBooth LoRA training; see docs/training.md.",
+        **examples(
+            "lora-ops train dreambooth --pretrained_model_name_or_path=./sd15 --instance_data_dir=./dog "
+            '--output_dir=./out --instance_prompt="a photo of sks dog" --max_train_steps=800',
+            "lora-ops train dreambooth --pretrained_model_name_or_path=./sd15 --instance_data_dir=./dog "
+            '--output_dir=./out --instance_prompt="a photo of sks dog" --with_prior_preservation '
+            '--class_prompt="a photo of dog" --class_data_dir=./class-dog',
+        ),
     )
     db.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     add_config_flags(db, DreamBoothConfig)
     _add_compat_flags(db)
     db.set_defaults(func=run_dreambooth)
+
+
+if __name__ == "__main__":  # python -m lora_ops.commands.train docs/training.md: regenerate its option tables
+    import pathlib
+    import sys
+
+    doc = pathlib.Path(sys.argv[1])
+    doc.write_text(render_docs(doc.read_text()))
