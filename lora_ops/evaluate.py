@@ -30,7 +30,7 @@ from .images import make_grid, save_gif
 from .lora_file import load_lora
 from .metrics import ClipScorer, DinoScorer, clip_t, mean_similarity
 from .models import load_pipeline
-from .outputs import prepare_output, publish_output
+from .outputs import check_output, prepare_output, publish_output
 from .preprocess import IMAGE_SUFFIXES, load_image
 from .runtime import patch_pipeline, remove_lora, set_scales
 
@@ -335,7 +335,7 @@ def evaluate_loras(config: EvaluateConfig) -> EvaluationResult:
     loras = [load_lora(p) for p in cfg.loras]  # fail on a bad file before any model loads
     learned = sorted({t for lora in loras for t in lora.tokens})
     inputs = {"loras": cfg.loras, "model": cfg.model, "classifier_model": cfg.classifier_model}
-    prepare_output(cfg.output_dir, cfg.overwrite, "metrics.json", inputs).rmdir()  # refuse before loading models
+    check_output(cfg.output_dir, cfg.overwrite, "metrics.json", inputs)  # refuse before loading models
     scores = _Scores(cfg, dtype)
     pipe = load_pipeline(cfg.model, "text2img", cfg.device, dtype)
     staging = prepare_output(cfg.output_dir, cfg.overwrite, "metrics.json", inputs)

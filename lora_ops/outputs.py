@@ -52,9 +52,9 @@ def recorded_files(folder: Path, record: str) -> set[str] | None:
     return {str(n) for n in names} | {record}
 
 
-def prepare_output(output_dir: Path, overwrite: bool, record: str,
-                   inputs: Mapping[str, str | Path | Iterable[str | Path] | None] | None = None) -> Path:  # fmt: skip
-    """Check `output_dir` and return a fresh staging folder beside it (move it in with `publish_output`).
+def check_output(output_dir: Path, overwrite: bool, record: str,
+                 inputs: Mapping[str, str | Path | Iterable[str | Path] | None] | None = None) -> None:  # fmt: skip
+    """Refuse an `output_dir` that overlaps an input, or that is not empty and may not be replaced.
 
     A non-empty `output_dir` is refused unless `overwrite`, and even then unless it is an earlier output
     whose `record` lists every file in it (nothing else is ever deleted).
@@ -81,6 +81,13 @@ def prepare_output(output_dir: Path, overwrite: bool, record: str,
                     f"{' …' if len(foreign) > 5 else ''}); --overwrite never deletes them: move them or choose "
                     "another folder"
                 )
+
+
+def prepare_output(output_dir: Path, overwrite: bool, record: str,
+                   inputs: Mapping[str, str | Path | Iterable[str | Path] | None] | None = None) -> Path:  # fmt: skip
+    """`check_output`, then a fresh staging folder beside `output_dir` (move it in with `publish_output`)."""
+    output_dir = Path(output_dir)
+    check_output(output_dir, overwrite, record, inputs)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
 

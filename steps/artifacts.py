@@ -188,8 +188,9 @@ def overlaps(a: Location, b: Location) -> bool:
     if a.scheme == "s3":
         ka, kb = a.as_prefix().key, b.as_prefix().key
         return ka.startswith(kb) or kb.startswith(ka)
-    pa, pb = Path(a.key), Path(b.key)
-    return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
+    from lora_ops.outputs import overlaps as paths_overlap  # stdlib only: fine in the Airflow image
+
+    return paths_overlap(a.key, b.key)
 
 
 def refuse_overlap(out: str | Path | None, inputs: dict[str, str | Path | Iterable[str | Path] | None]) -> None:
