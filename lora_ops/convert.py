@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .lora_file import COMPONENTS, TOKEN_PREFIX
-from .targets import canonical_name
+from .targets import canonical_name, pattern_value
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 BUNDLE_PREFIX = "bundle_emb."
@@ -110,14 +110,6 @@ def convert_native_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[
     return out
 
 
-def _pattern_value(name: str, pattern: Mapping, default):
-    """peft's rule: a pattern key matches a module name ending in `.<key>` (key may be a regex)."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def convert_diffusers_to_native(
     state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -162,8 +154,8 @@ def convert_diffusers_to_native(
         alpha = alphas.get((comp, name))
         if alpha is None and peft_meta:
             live = name.removeprefix("text_model.")
-            r_cfg = _pattern_value(live, peft_meta.get(f"{comp}.rank_pattern", {}), peft_meta.get(f"{comp}.r", r))
-            alpha = _pattern_value(
+            r_cfg = pattern_value(live, peft_meta.get(f"{comp}.rank_pattern", {}), peft_meta.get(f"{comp}.r", r))
+            alpha = pattern_value(
                 live, peft_meta.get(f"{comp}.alpha_pattern", {}), peft_meta.get(f"{comp}.lora_alpha", r_cfg)
             )
             if r_cfg != r:
@@ -195,8 +187,8 @@ def peft_component(name: str) -> str | None:
 
 def _peft_scale(name: str, r: int, config: Mapping, where: str) -> float:
     """peft's scale of one module: lora_alpha / r (or / sqrt(r) with rsLoRA), patterns included."""
-    r_cfg = _pattern_value(name, config.get("rank_pattern") or {}, config.get("r", r))
-    alpha = _pattern_value(name, config.get("alpha_pattern") or {}, config.get("lora_alpha", r_cfg))
+    r_cfg = pattern_value(name, config.get("rank_pattern") or {}, config.get("r", r))
+    alpha = pattern_value(name, config.get("alpha_pattern") or {}, config.get("lora_alpha", r_cfg))
     if int(r_cfg) != r:
         raise ValueError(f"{where}: the adapter config says r={r_cfg}, the tensors have r={r}")
     return float(alpha) / (r**0.5 if config.get("use_rslora") else r)

@@ -31,13 +31,13 @@ from .lora_file import load_lora
 from .metrics import ClipScorer, DinoScorer, clip_t, mean_similarity
 from .models import load_pipeline
 from .outputs import check_output, prepare_output, publish_output
+from .precision import torch_dtype
 from .preprocess import IMAGE_SUFFIXES, load_image
 from .runtime import patch_pipeline, remove_lora, set_scales
 
 Metric = Literal["clip_i", "clip_t", "dino", "classifier"]
 METRICS: tuple[str, ...] = ("clip_t", "clip_i", "dino", "classifier", "classifier_prompt")
 SELECT_METRICS: tuple[str, ...] = ("clip_i", "clip_t", "dino", "classifier")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_PROMPTS = (
     "a photo of {token}",
     "a photo of {token} on the beach",
@@ -157,8 +157,7 @@ class EvaluateConfig:
             raise ValueError(f"sweep_steps={self.sweep_steps!r} must be 0 (off) or at least 2")
         if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={self.num_inference_steps!r} must be a positive integer")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(_DTYPES)}")
+        torch_dtype(self.dtype)
         check_model_source("clip_model", self.clip_model)
         if self.dino_model:
             check_model_source("dino_model", self.dino_model)
@@ -331,7 +330,7 @@ def _table(metrics: dict, best: dict) -> str:
 def evaluate_loras(config: EvaluateConfig) -> EvaluationResult:
     """Generate, score and compare `config.loras` against the base model; see the module docstring."""
     cfg = config
-    dtype = _DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     loras = [load_lora(p) for p in cfg.loras]  # fail on a bad file before any model loads
     learned = sorted({t for lora in loras for t in lora.tokens})
     inputs = {"loras": cfg.loras, "model": cfg.model, "classifier_model": cfg.classifier_model}

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .images import make_grid
 from .lora_file import load_lora
 from .models import as_task, load_pipeline
+from .precision import torch_dtype
 from .runtime import patch_pipeline
 
 Task = Literal["text2img", "img2img", "inpaint"]
@@ -93,9 +94,6 @@ class GenerateConfig:
             raise ValueError("seeds: give at least one seed")
 
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def _open_image(path: str, mode: str) -> Image.Image:
     try:
         return Image.open(path).convert(mode)
@@ -107,7 +105,7 @@ def generate(config: GenerateConfig, pipe=None) -> list[Image.Image]:
     """Generate one image per (prompt, seed), in that order. `pipe` reuses an already loaded pipeline."""
     if pipe is None:
         loras = [load_lora(use.path) for use in config.loras]  # a bad file fails before the model loads
-        pipe = load_pipeline(config.model, device=config.device, dtype=_DTYPES[config.dtype])
+        pipe = load_pipeline(config.model, device=config.device, dtype=torch_dtype(config.dtype))
         for i, (use, lora) in enumerate(zip(config.loras, loras)):
             patch_pipeline(pipe, lora, f"lora{i}", use.unet_scale, use.text_encoder_scale)
     pipe = as_task(pipe, config.task)

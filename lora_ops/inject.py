@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .lora_file import LoraModule
-from .targets import canonical_name, get_module, live_name, resolve_targets
+from .targets import canonical_name, get_module, live_name, pattern_value, resolve_targets
 
 Init = Literal["gaussian", "kaiming", "random"]
 _PEFT_INIT = {"gaussian": "gaussian", "kaiming": True, "random": False}
@@ -71,13 +71,6 @@ def _layer_dims(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def _pattern_value(name: str, pattern: Mapping, default):
-    for key, value in pattern.items():
-        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
-            return value
-    return default
-
-
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[nn.Parameter]:
     """Add a LoRA adapter to `model` in place; freeze everything else; return the adapter's parameters.
 
@@ -91,13 +84,13 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     for name in names:
         module = model.get_submodule(name)
         base = getattr(module, "base_layer", module)
-        r = _pattern_value(name, config.rank_pattern, config.r)
+        r = pattern_value(name, config.rank_pattern, config.r)
         fan_in, fan_out = _layer_dims(base)
         if r > min(fan_in, fan_out):
             raise ValueError(f"rank {r} for {name} exceeds min(in, out) = min({fan_in}, {fan_out})")
         ranks[name] = r
         # alpha defaults to the module's own rank, so that scale = 1 everywhere unless asked otherwise
-        alphas[name] = _pattern_value(name, config.alpha_pattern, alpha if config.lora_alpha is not None else r)
+        alphas[name] = pattern_value(name, config.alpha_pattern, alpha if config.lora_alpha is not None else r)
     peft_config = peft.LoraConfig(
         r=config.r,
         lora_alpha=alpha,

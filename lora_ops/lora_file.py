@@ -30,6 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .precision import torch_dtype
+
 FORMAT = "lora_ops"
 FORMAT_VERSION = 1
 COMPONENTS = ("unet", "text_encoder")
@@ -145,10 +147,8 @@ def save_lora(path: str | Path, lora: LoraFile, dtype: Literal["fp32", "fp16", "
     Args:
         dtype: storage precision of the LoRA factors and tokens.
     """
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise ValueError(f"dtype={dtype!r} is not one of fp32, fp16, bf16")
-    tensors = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in lora.state_dict().items()}
+    cast = torch_dtype(dtype)
+    tensors = {k: v.detach().to("cpu", cast).contiguous() for k, v in lora.state_dict().items()}
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise ValueError(f"refusing to save {key}: it holds non-finite values (inf/NaN after {dtype} cast?)")

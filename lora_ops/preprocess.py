@@ -29,6 +29,7 @@ from .dataset import read_caption
 from .images import make_grid
 from .masks import ClipSegMasker, FaceMasker, center_of_mass, square_box
 from .outputs import check_disjoint, prepare_output, publish_output
+from .precision import torch_dtype
 from .tiny_vision import make_tiny_preprocess_models
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -118,8 +119,7 @@ class PreprocessConfig:
         ):
             if value not in allowed.__args__:
                 raise ValueError(f"{name}={value!r} is not one of {allowed.__args__}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(_DTYPES)}")
+        torch_dtype(self.dtype)
         if not isinstance(self.min_size, int) or self.min_size < 1:
             raise ValueError(f"min_size={self.min_size!r} must be a positive integer")
         if not isinstance(self.max_upscale_passes, int) or self.max_upscale_passes < 1:
@@ -137,9 +137,6 @@ class PreprocessConfig:
             check_model_source("mask_model", self.mask_model)
         if self.upscale_model is not None:
             check_model_source("upscale_model", self.upscale_model)
-
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -255,7 +252,7 @@ def _contact_sheet(rows: list[tuple[Image.Image, Image.Image, str]], path: Path)
 def preprocess_dataset(config: PreprocessConfig) -> PreprocessResult:
     """Caption, mask, crop and resize every image of `config.input_dir` into `config.output_dir`."""
     cfg = config
-    dtype = _DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
 
     # read and check every input before loading any model or writing anything
     images: list[tuple[Path, Image.Image, str | None]] = []

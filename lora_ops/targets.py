@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -58,6 +59,17 @@ def preset_targets(model: nn.Module, preset: str) -> list[str]:
                     seen.add(full)
                     names.append(full)
     return names
+
+
+def pattern_value(name: str, pattern: Mapping[str, Any], default: Any) -> Any:
+    """The value of the first key of a peft `rank_pattern` / `alpha_pattern` that matches module `name`.
+
+    peft's rule: a key matches a name that equals it or ends in `.<key>`, the key read as a regular expression.
+    """
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:

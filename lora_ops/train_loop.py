@@ -26,6 +26,7 @@ from .inject import LoraConfig, extract_lora, inject_lora
 from .lora_file import LoraFile
 from .losses import clip_ti_decay_, mask_weights, min_snr_weights, per_sample_mse, prediction_target
 from .models import load_pipeline
+from .precision import torch_dtype
 from .tokens import read_token_embeddings
 from .train_checkpoint import (
     PHASES,
@@ -106,7 +107,7 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype
         return None
     if device.type != "cuda":
         raise ValueError(f"mixed_precision={mixed_precision!r} needs a CUDA device; use 'no' or 'auto' on {device}")
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    return torch_dtype(mixed_precision, "mixed_precision")
 
 
 def resolve_compile(mode: str, device: torch.device) -> str:
