@@ -28,7 +28,12 @@ def parser(step: str, description: str, compute: bool = True, out_required: bool
     p.add_argument("--out", required=out_required, help="output prefix: s3://bucket/runs/<run_id>/<step>/ or a folder")
     p.add_argument("--experiment", default="lora-pipeline", help="MLflow experiment (default lora-pipeline)")
     if compute:
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
+        p.add_argument(
+            "--device",
+            default="auto",
+            choices=["auto", "cpu", "cuda"],
+            help="compute device: auto (CUDA if available, else CPU), cpu, cuda (default: auto)",
+        )
     return p
 
 

@@ -340,7 +340,7 @@ def test_cli_reports_bad_options_in_one_line(tiny_model, tmp_path, capsys):
 
     args = ["train", "pti", f"--pretrained_model_name_or_path={tiny_model}", f"--instance_data_dir={tmp_path}"]
     assert main(args + [f"--output_dir={tmp_path}", "--lora_rank=0"]) == 2
-    assert "lora-ops train: error: lora_rank=0 must be an integer >= 1" in capsys.readouterr().err
+    assert "lora-ops train: error: --lora_rank=0 must be an integer >= 1" in capsys.readouterr().err
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"output_dir": str(tmp_path), "lora_rnak": 1}))
     assert main(args + ["--config", str(cfg)]) == 2

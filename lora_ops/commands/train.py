@@ -93,6 +93,8 @@ def options_table(cls, fields: list[str] | None = None) -> str:
         if values and typing.get_origin(values[0]) is typing.Literal:
             values = typing.get_args(values[0])
         choices = ", ".join(f"`{v}`" for v in values) if all(isinstance(v, str) for v in values) and values else ""
+        if all(f"`{v}`" in help_text(f) for v in values):  # the help names them already
+            choices = ""
         meaning = help_text(f) + (f"; one of {choices}" if choices else "") + "."
         default = "" if f.default == "" else f"`{show_default(f.default)}`"
         rows.append(f"| `--{f.name}` | {default} | {meaning} |")
