@@ -211,7 +211,7 @@ def save_pyfunc(folder: str | Path, lora_path: str | Path, metadata: dict[str, A
             code_paths=_stage_code(staging / "code"),
             pip_requirements=pip_requirements(),
             signature=SIGNATURE,
-            input_example=pd.DataFrame({"prompt": [f"a photo of {token}".strip()]}),
+            input_example=[f"a photo of {token}".strip()],
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)

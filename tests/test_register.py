@@ -112,12 +112,15 @@ def test_champion_moves_only_when_better_and_retry_makes_no_duplicate(tmp_path, 
 
     import mlflow.pyfunc
 
+    from steps.registry import decode_png
+
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     params = {"num_inference_steps": 2, "height": 32, "width": 32, "seed": 1}
-    images = model.predict(["a photo of <s1> dog", "<s1> on a beach"], params=params)
+    out = model.predict(["a photo of <s1> dog", "<s1> on a beach"], params=params)  # base64 PNG rows
+    images = [decode_png(s) for s in out["image"]]
     assert len(images) == 2 and images[0].size == (32, 32)
     # the LoRA is really applied: scale 0 gives a different image than scale 1
-    plain = model.predict(["a photo of <s1> dog"], params={**params, "scale": 0.0})[0]
+    plain = decode_png(model.predict(["a photo of <s1> dog"], params={**params, "scale": 0.0})["image"][0])
     diff = (torch.tensor(list(images[0].getdata())) - torch.tensor(list(plain.getdata()))).abs().float().mean()
     assert diff > 0.5, f"LoRA had no visible effect (mean abs pixel diff {diff:.3f})"
 
