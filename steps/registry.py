@@ -51,25 +51,21 @@ class LoraPipelineModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context):
+        # the pipeline loads here, not on the first request: `mlflow models serve` answers /ping once it is ready,
+        # and the first request's time is one generation, not a base model download
+        import torch
+
+        from lora_ops import load_pipeline, patch_pipeline
+
+        from .models import resolve_base_model
+
         self.lora_path = context.artifacts["lora"]
         self.metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
-        self._pipe = None
-
-    def _pipeline(self):
-        if self._pipe is None:
-            import torch
-
-            from lora_ops import load_pipeline, patch_pipeline
-
-            from .models import resolve_base_model
-
-            base = resolve_base_model(self.metadata["base_model"])
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            dtype = torch.float16 if device == "cuda" else torch.float32
-            pipe = load_pipeline(base.path, device=device, dtype=dtype)
-            patch_pipeline(pipe, self.lora_path, adapter_name="registered")
-            self._pipe = pipe
-        return self._pipe
+        base = resolve_base_model(self.metadata["base_model"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        self.pipe = load_pipeline(base.path, device=device, dtype=dtype)
+        patch_pipeline(self.pipe, self.lora_path, adapter_name="registered")
 
     # the type hints say what MLflow hands over (the signature is explicit; a DataFrame hint infers none)
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -91,7 +87,7 @@ class LoraPipelineModel(mlflow.pyfunc.PythonModel):
                 kwargs[key] = value
         if params["negative_prompt"]:
             kwargs["negative_prompt"] = [str(params["negative_prompt"])] * len(prompts)
-        pipe = self._pipeline()
+        pipe = self.pipe
         scale = float(params["scale"])
         set_scales(pipe, "registered", unet=scale, text_encoder=scale)
         kwargs["generator"] = torch.Generator("cpu").manual_seed(int(params["seed"]))
