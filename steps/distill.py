@@ -40,9 +40,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         done = find_completed(args.out, STEP, inputs, params)
         if done is not None:
             return done
-        tracker = start_step(STEP, args.run_id, args.experiment, params={**params, "lora": args.lora},
-                             tags={"rank": args.rank}, run_name=f"distill-r{args.rank}")  # fmt: skip
-        try:
+        with start_step(STEP, args.run_id, args.experiment, params={**params, "lora": args.lora},
+                        tags={"rank": args.rank}, run_name=f"distill-r{args.rank}") as tracker:  # fmt: skip
             lora = load_lora(src.path / LORA_FILE)
             before = max((m.r for comp in (lora.unet, lora.text_encoder) for m in comp.values()), default=0)
             resized, report = resize_lora(
@@ -65,10 +64,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             result = publish(out_dir, args.out, step=STEP, run_id=args.run_id, inputs=inputs, parameters=params,
                              result=result)  # fmt: skip
             tracker.log_artifact(out_dir / "report.txt")
-            tracker.end()
-        except BaseException:
-            tracker.end("FAILED")
-            raise
     return result
 
 

@@ -108,9 +108,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         for img in dataset.path.iterdir():
             if img.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and not img.name.endswith(".mask.png"):
                 (instance / img.name).symlink_to(img)
-        tracker = start_step(STEP, args.run_id, args.experiment, params={**params, "dataset": args.dataset,
-                             "base_model": args.base_model, "loras": args.lora}, tags=common.lineage_tags())  # fmt: skip
-        try:
+        with start_step(STEP, args.run_id, args.experiment, params={**params, "dataset": args.dataset,
+                        "base_model": args.base_model, "loras": args.lora}, tags=common.lineage_tags()) as tracker:  # fmt: skip
             out_dir = tmp / "out"
             evaluated = evaluate_loras(
                 EvaluateConfig(
@@ -162,10 +161,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             }
             result = publish(out_dir, args.out, step=STEP, run_id=args.run_id, inputs=inputs, parameters=params,
                              result=result)  # fmt: skip
-            tracker.end()
-        except BaseException:
-            tracker.end("FAILED")
-            raise
     return result
 
 

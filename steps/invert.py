@@ -84,9 +84,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             resume="auto",
             perform_tuning=False,
         )
-        tracker = start_step(STEP, args.run_id, args.experiment, params={**params, "dataset": args.dataset,
-                             "base_model": args.base_model}, tags=common.lineage_tags())  # fmt: skip
-        try:
+        with start_step(STEP, args.run_id, args.experiment, params={**params, "dataset": args.dataset,
+                        "base_model": args.base_model}, tags=common.lineage_tags()) as tracker:  # fmt: skip
             trained = run_inversion(config, callback=tracker.loss_callback())
             out_dir = tmp / "out"
             out_dir.mkdir()
@@ -102,10 +101,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             }
             result = publish(out_dir, args.out, step=STEP, run_id=args.run_id, inputs=inputs, parameters=params,
                              result=result)  # fmt: skip
-            tracker.end()
-        except BaseException:
-            tracker.end("FAILED")
-            raise
     return result
 
 

@@ -82,9 +82,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         done = find_completed(args.out, STEP, inputs, params)
         if done is not None:
             return done
-        tracker = start_step(STEP, args.run_id, args.experiment, params={**params, "dataset": args.dataset},
-                             tags=common.lineage_tags())  # fmt: skip
-        try:
+        with start_step(STEP, args.run_id, args.experiment, params={**params, "dataset": args.dataset},
+                        tags=common.lineage_tags()) as tracker:  # fmt: skip
             out_dir = tmp / "out"
             result_lib = preprocess_dataset(
                 PreprocessConfig(
@@ -123,10 +122,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             }
             result = publish(out_dir, args.out, step=STEP, run_id=args.run_id, inputs=inputs, parameters=params,
                              result=result)  # fmt: skip
-            tracker.end()
-        except BaseException:
-            tracker.end("FAILED")
-            raise
     return result
 
 

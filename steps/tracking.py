@@ -40,6 +40,12 @@ class NullTracker:
     def flush(self) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        return None
+
 
 def _no_callback(*args, **kwargs) -> None:
     return None
@@ -169,17 +175,20 @@ class Tracker:
                 self.client.set_tag(self.run_id, key, str(value))
 
     def loss_callback(self, every: int = 1):
-        """A trainer callback: logs every numeric value it is given as a metric at that step.
+        """A trainer callback `callback(step, {"loss": …, "lr": …, "phase": name})`: logs every numeric value
+        as a metric at that step (`<phase>/<name>` when a phase is given), every `every` steps."""
 
-        Accepts `callback(step, {"loss": …, "lr": …})`, `callback(step=…, loss=…)` or an object with
-        `step` and `metrics`/`loss` attributes (the trainers' progress record).
-        """
-
-        def callback(*args, **kwargs) -> None:
-            step, metrics = _callback_values(args, kwargs)
-            if step is None or not metrics or step % every:
+        def callback(step: int, values: Mapping[str, Any]) -> None:
+            if step % every:
                 return
-            self.log_metrics(metrics, step=step)
+            phase = values.get("phase")
+            metrics = {
+                f"{phase}/{k}" if phase else k: float(v)
+                for k, v in values.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            if metrics:
+                self.log_metrics(metrics, step=step)
 
         return callback
 
@@ -189,34 +198,16 @@ class Tracker:
         finally:
             self.client.set_terminated(self.run_id, status)
 
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """The step's run ends FINISHED, or FAILED when an exception (a crash, a kill, Ctrl-C) passes."""
+        self.end("FAILED" if exc_type is not None else "FINISHED")
+
 
 def _metric_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
-
-
-def _callback_values(args, kwargs) -> tuple[int | None, dict[str, float]]:
-    if args and not isinstance(args[0], (int, float)) and len(args) == 1 and not kwargs:
-        rec = args[0]  # a progress record object or dict
-        if isinstance(rec, Mapping):
-            data = dict(rec)
-        else:
-            data = {k: getattr(rec, k) for k in dir(rec) if not k.startswith("_")}
-        step = data.pop("step", data.pop("global_step", None))
-        metrics = data.pop("metrics", None) or data
-    else:
-        step = args[0] if args else kwargs.pop("step", kwargs.pop("global_step", None))
-        metrics = args[1] if len(args) > 1 and isinstance(args[1], Mapping) else kwargs
-    metrics = {
-        k: float(v)
-        for k, v in dict(metrics).items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "global_step")
-    }
-    phase = kwargs.get("phase")
-    if len(args) > 1 and isinstance(args[1], Mapping):
-        phase = args[1].get("phase", phase)
-    if isinstance(phase, str) and phase:
-        metrics = {f"{phase}/{k}": v for k, v in metrics.items()}
-    return (int(step) if step is not None else None), metrics
 
 
 def start_step(

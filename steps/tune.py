@@ -150,17 +150,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             resume="auto",
             perform_inversion=False,
         )
-        tracker = start_step(STEP, args.run_id, args.experiment, params={**params, "dataset": args.dataset,
-                             "tokens": args.tokens, "base_model": args.base_model},
-                             tags=common.lineage_tags())  # fmt: skip
-        uploader = CheckpointUploader(train_dir, args.out, args.run_id, store, set(done_ckpts))
-        log_loss = tracker.loss_callback()
+        with start_step(STEP, args.run_id, args.experiment, params={**params, "dataset": args.dataset,
+                        "tokens": args.tokens, "base_model": args.base_model},
+                        tags=common.lineage_tags()) as tracker:  # fmt: skip
+            uploader = CheckpointUploader(train_dir, args.out, args.run_id, store, set(done_ckpts))
+            log_loss = tracker.loss_callback()
 
-        def callback(step: int, values: dict) -> None:
-            log_loss(step, values)
-            uploader.sync()  # the checkpoint of the previous step, if one was written
+            def callback(step: int, values: dict) -> None:
+                log_loss(step, values)
+                uploader.sync()  # the checkpoint of the previous step, if one was written
 
-        try:
             trained = run_tuning(config, tokens_from=tokens_file, callback=callback)
             uploader.sync()
             out_dir = tmp / "out"
@@ -178,10 +177,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             }
             result = publish(out_dir, args.out, step=STEP, run_id=args.run_id, inputs=inputs, parameters=params,
                              result=result, store=store)  # fmt: skip
-            tracker.end()
-        except BaseException:
-            tracker.end("FAILED")
-            raise
     return result
 
 
