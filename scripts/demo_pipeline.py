@@ -52,14 +52,15 @@ def upload_folder(local: Path, uri: str) -> int:
     return len(files)
 
 
-def prepare_inputs(work: Path, bucket: str) -> dict[str, str]:
-    """The shapes world's model and scorers, the new subject's dataset; model and dataset uploaded."""
+def prepare_inputs(work: Path, bucket: str, subject: str = SUBJECT) -> dict[str, str]:
+    """The shapes world's model and scorers, a held-out concept's dataset (`subject`: ring, star, striped);
+    model and dataset uploaded."""
     from lora_ops.shapes import pretrained
     from lora_ops.shapes.world import write_concept_dataset
 
-    dataset = write_concept_dataset(SUBJECT, work / "dataset" / SUBJECT)
+    dataset = write_concept_dataset(subject, work / "dataset" / subject)
     model_uri = f"s3://{bucket}/models/shapes-sd/"
-    dataset_uri = f"s3://{bucket}/datasets/{SUBJECT}/"
+    dataset_uri = f"s3://{bucket}/datasets/{subject}/"
     n_model = upload_folder(pretrained("sd"), model_uri)
     n_data = upload_folder(dataset, dataset_uri)
     print(f"    uploaded {n_model} model files to {model_uri} and {n_data} dataset files to {dataset_uri}")
@@ -175,6 +176,156 @@ def airflow_setup(env: dict[str, str], echo=print) -> None:
     if out.returncode != 0:
         raise RuntimeError(f"airflow db migrate failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
     subprocess.run([airflow, "pools", "set", "lora_gpu", "1", "GPU steps"], env=env, capture_output=True, check=True)
+
+
+class AirflowServices:
+    """The Airflow 3 servers of one AIRFLOW_HOME on loopback: api-server (UI, REST API, execution API),
+    scheduler (LocalExecutor: every task a subprocess) and dag-processor. `airflow_setup` must have run.
+
+    Auth is the simple auth manager with every user an admin (loopback only, no login page: the UI and the
+    REST API answer without a token). Use as a context manager, or `start()` / `stop()`.
+    """
+
+    COMPONENTS = ("api-server", "scheduler", "dag-processor")
+
+    def __init__(self, env: dict[str, str], port: int, logs: Path):
+        import secrets
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.logs = Path(logs)
+        self.env = {
+            **env,
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__CORE__PARALLELISM": env.get("AIRFLOW__CORE__PARALLELISM", "8"),  # LocalExecutor processes
+            # the api-server signs the tasks' tokens, the scheduler hands them out: one secret for all three
+            "AIRFLOW__API_AUTH__JWT_SECRET": env.get("AIRFLOW__API_AUTH__JWT_SECRET") or secrets.token_urlsafe(32),
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, timeout: float = 180.0) -> AirflowServices:
+        """Start the three servers and wait until the API answers and every DAG file is parsed."""
+        airflow = str(Path(sys.executable).parent / "airflow")
+        self.logs.mkdir(parents=True, exist_ok=True)
+        for name in self.COMPONENTS:
+            with open(self.logs / f"{name}.log", "ab") as log:
+                self.procs[name] = subprocess.Popen([airflow, name], env=self.env, stdout=log,
+                                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                dags = {d["dag_id"] for d in self.api("GET", "/api/v2/dags?limit=100")["dags"]}
+                if {"lora_finetune", "lora_batch", "lora_retrain", "lora_dataset_updated"} <= dags:
+                    return self
+            except OSError:
+                pass
+            self._check_alive()
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"Airflow did not list the DAGs within {timeout:.0f}s\n{self.log_tail()}")
+            time.sleep(1)
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"airflow {name} exited with {proc.returncode}\n{self.log_tail(name)}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        import signal
+
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout)
+
+    def __enter__(self) -> AirflowServices:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log_tail(self, name: str | None = None, n: int = 30) -> str:
+        out = []
+        for component in [name] if name else self.COMPONENTS:
+            path = self.logs / f"{component}.log"
+            lines = path.read_text(errors="replace").splitlines()[-n:] if path.exists() else []
+            out.append(f"--- {path}\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    def api(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One REST API call (`/api/v2/...`); raises RuntimeError with the server's answer on an HTTP error."""
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(
+                f"{method} {path}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}"
+            ) from None
+
+    def unpause(self, *dag_ids: str) -> None:
+        for dag_id in dag_ids:
+            self.api("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+
+    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        """A manual run of `dag_id` (its form defaults, updated by `conf`); returns the run id."""
+        run = self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
+        return run["dag_run_id"]
+
+    def runs(self, dag_id: str) -> list[dict]:
+        return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100&order_by=start_date")["dag_runs"]
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float, echo=print) -> dict:
+        """Poll until the run ends; returns it when it succeeded, raises RuntimeError (with the failed tasks'
+        log tails) when it failed or did not end within `timeout` seconds."""
+        deadline, state = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            run = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+            if run["state"] != state:
+                state = run["state"]
+                echo(f"    {dag_id} {run_id}: {state}")
+            if state == "success":
+                return run
+            if state == "failed":
+                raise RuntimeError(f"{dag_id} {run_id} failed\n{self.failed_logs(dag_id, run_id)}")
+            self._check_alive()
+            time.sleep(3)
+        raise RuntimeError(f"{dag_id} {run_id} still {state} after {timeout:.0f}s\n{self.log_tail('scheduler')}")
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
+
+    def failed_logs(self, dag_id: str, run_id: str, n: int = 25) -> str:
+        out = []
+        for ti in self.task_instances(dag_id, run_id):
+            if ti["state"] not in ("failed", "upstream_failed"):
+                continue
+            out.append(f"--- {ti['task_id']}[{ti['map_index']}] {ti['state']}")
+            if ti["state"] == "failed":
+                path = (f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/logs/"
+                        f"{max(ti['try_number'], 1)}?map_index={ti['map_index']}&full_content=true")  # fmt: skip
+                try:
+                    events = self.api("GET", path).get("content", [])
+                    lines = [e.get("event", "") if isinstance(e, dict) else str(e) for e in events]
+                    out += lines[-n:]
+                except RuntimeError as exc:
+                    out.append(str(exc))
+        return "\n".join(out) or self.log_tail("scheduler")
 
 
 def registered_version(model_name: str, run_id: str, tracking_uri: str):
