@@ -72,7 +72,7 @@ with DAG(
         task_id="finetune",
         trigger_dag_id="lora_finetune",
         wait_for_completion=True,
-        poke_interval=30,
+        poke_interval=10,  # one metadata query per poke: cheap, and a finished run is seen soon
         max_active_tis_per_dagrun=PARALLELISM,
         map_index_template="{{ task.conf.model_name }}",
     ).expand(conf=confs)

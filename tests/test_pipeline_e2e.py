@@ -8,12 +8,14 @@ as changed once its dataset changes.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from stack_fixtures import mlflow_server, s3_server, stack_env  # noqa: F401  (pytest fixtures)
+from stack_fixtures import free_ports, mlflow_server, s3_server, stack_env  # noqa: F401  (pytest fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -87,3 +89,133 @@ def test_finetune_registers_champion_and_keeps_it_against_a_weaker_run(stack_env
     extra = write_images([Spec("ring", "red")], tmp_path / "more", seed=7, prefix="ring_new")
     demo_pipeline.upload_folder(extra, inputs["dataset_uri"])
     assert subjects_to_train(f"s3://{BUCKET}/datasets/", "lora-")[0] == ["ring"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lora_batch (scheduled) and lora_retrain (asset-triggered) as whole DAG runs through a running Airflow
+
+SCHEDULED_BUCKET = "lora-batch"
+
+
+def seed_champion(client, name: str, dataset_sha256: str):
+    """A champion version whose lineage names `dataset_sha256` (the `source_dataset_sha256` tag the change
+    detection reads), standing in for an earlier pipeline run; it carries no metrics, so any new version wins."""
+    client.create_registered_model(name)
+    mv = client.create_model_version(name, source=f"s3://{SCHEDULED_BUCKET}/seed/{name}/",
+                                     tags={"source_dataset_sha256": dataset_sha256})  # fmt: skip
+    client.set_registered_model_alias(name, "champion", mv.version)
+    return mv
+
+
+@pytest.fixture(scope="module")
+def scheduler(s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
+    """Airflow's servers (scheduler, dag-processor, api-server) over two subjects, star and striped, each with a
+    champion trained on its current dataset; lora_finetune's defaults are the shapes world with a few steps."""
+    work = tmp_path_factory.mktemp("airflow-scheduled")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**s3_server.env, **mlflow_server.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}.items():
+            mp.setenv(key, value)
+        import load_check
+        from lora_datasets import dataset_hash
+        from mlflow import MlflowClient
+
+        from lora_ops.shapes.world import write_concept_dataset
+
+        inputs = demo_pipeline.prepare_inputs(work / "inputs", SCHEDULED_BUCKET, subject="star")
+        striped = write_concept_dataset("striped", work / "inputs" / "dataset" / "striped")
+        demo_pipeline.upload_folder(striped, f"s3://{SCHEDULED_BUCKET}/datasets/striped/")
+        client = MlflowClient(mlflow_server.url)
+        for subject in ("star", "striped"):
+            seed_champion(client, f"lora-{subject}", dataset_hash(f"s3://{SCHEDULED_BUCKET}/datasets/{subject}/"))
+        # the few-step shapes-world conf, with captions any subject matches (the tokens prepended)
+        defaults = load_check.quick_conf(inputs, "lora-example")
+        defaults.update(
+            token_substitution="<s1>", classifier_model=None, classifier_target=None, promotion_metric="clip_i"
+        )
+        del defaults["dataset_uri"], defaults["model_name"]  # set per subject by the batch and retrain DAGs
+        env = {
+            **os.environ,
+            "LORA_PIPELINE_BUCKET": SCHEDULED_BUCKET,
+            "LORA_PIPELINE_CACHE": str(work / "cache"),
+            "LORA_PIPELINE_EXECUTOR": "local",
+            "LORA_PIPELINE_PYTHON": sys.executable,
+            "LORA_PIPELINE_FINETUNE_DEFAULTS": json.dumps(defaults),
+            "AIRFLOW_HOME": str(work / "home"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__LOGGING__COLORED_CONSOLE_LOG": "False",
+            "OMP_NUM_THREADS": "1",  # two fine-tunes share the cores
+        }
+        demo_pipeline.airflow_setup(env)
+        with demo_pipeline.AirflowServices(env, free_ports(1)[0], work / "logs") as services:
+            services.api(
+                "PATCH",
+                "/api/v2/pools/lora_gpu?update_mask=slots",
+                {"pool": "lora_gpu", "slots": 2, "include_deferred": False},
+            )  # two "GPUs": both runs progress at once
+            yield services, client, work
+
+
+def _new_run(services, dag_id: str, run_type: str, timeout: float = 120.0) -> dict:
+    """The first run of `dag_id` of that type, once the scheduler has created it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [r for r in services.runs(dag_id) if r["run_type"] == run_type]
+        if runs:
+            return runs[0]
+        time.sleep(2)
+    raise AssertionError(f"no {run_type} run of {dag_id} within {timeout:.0f}s\n{services.log_tail('scheduler')}")
+
+
+def _wait_task(services, dag_id: str, run_id: str, task_id: str, timeout: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tis = [t for t in services.task_instances(dag_id, run_id) if t["task_id"] == task_id]
+        if tis and tis[0]["state"] == "success":
+            return tis[0]
+        assert not tis or tis[0]["state"] not in ("failed", "upstream_failed"), services.failed_logs(dag_id, run_id)
+        time.sleep(2)
+    raise AssertionError(f"{dag_id}.{task_id} did not succeed within {timeout:.0f}s")
+
+
+@pytest.mark.slow
+def test_scheduled_batch_trains_the_changed_subject_and_a_dataset_event_retrains_another(scheduler, tmp_path):
+    services, client, work = scheduler
+    from lora_ops.shapes.world import Spec, write_images
+
+    # striped's dataset changes (star's does not); the scheduled run of lora_batch starts when it is unpaused
+    more = write_images([Spec("circle", "blue", "striped")], tmp_path / "striped", seed=5, prefix="striped_new")
+    demo_pipeline.upload_folder(more, f"s3://{SCHEDULED_BUCKET}/datasets/striped/")
+    services.unpause("lora_finetune", "lora_batch")
+    batch = _new_run(services, "lora_batch", "scheduled")
+    _wait_task(services, "lora_batch", batch["dag_run_id"], "scan")
+
+    # then star's dataset changes and its producer records an event on the lora_datasets asset
+    more = write_images([Spec("star", "yellow")], tmp_path / "star", seed=6, prefix="star_new")
+    demo_pipeline.upload_folder(more, f"s3://{SCHEDULED_BUCKET}/datasets/star/")
+    services.unpause("lora_retrain", "lora_dataset_updated")
+    producer = services.trigger("lora_dataset_updated", {"subject": "star"})
+    services.wait_for_run("lora_dataset_updated", producer, timeout=180)
+    retrain = _new_run(services, "lora_retrain", "asset_triggered")
+
+    # both runs wait for the lora_finetune runs they triggered
+    services.wait_for_run("lora_batch", batch["dag_run_id"], timeout=600)
+    services.wait_for_run("lora_retrain", retrain["dag_run_id"], timeout=600)
+    for dag_run, model in ((batch, "lora-striped"), (retrain, "lora-star")):
+        dag_id = "lora_batch" if dag_run is batch else "lora_retrain"
+        triggers = [t for t in services.task_instances(dag_id, dag_run["dag_run_id"]) if t["task_id"] == "finetune"]
+        assert [(t["rendered_map_index"], t["state"]) for t in triggers] == [(model, "success")], (dag_id, triggers)
+    finetunes = {r["conf"]["model_name"]: r for r in services.runs("lora_finetune")}
+    assert set(finetunes) == {"lora-striped", "lora-star"}  # star was unchanged at the batch scan: not trained
+    for model, subject in (("lora-striped", "striped"), ("lora-star", "star")):
+        run = finetunes[model]
+        assert run["state"] == "success" and run["run_type"] == "operator_triggered", run
+        assert run["conf"]["dataset_uri"] == f"s3://{SCHEDULED_BUCKET}/datasets/{subject}/"
+        mv, champion = demo_pipeline.registered_version(model, run["dag_run_id"], client.tracking_uri)
+        assert champion.version == mv.version and mv.tags["airflow_run_id"] == run["dag_run_id"]
+    # the event named its subject, and the retrain run consumed it
+    events = services.api("GET", "/api/v2/assets/events?limit=100")["asset_events"]
+    assert [e["extra"].get("subject") for e in events] == ["star"]
+    upstream = f"/api/v2/dags/lora_retrain/dagRuns/{retrain['dag_run_id']}/upstreamAssetEvents"
+    assert [e["id"] for e in services.api("GET", upstream)["asset_events"]] == [e["id"] for e in events]
