@@ -8,7 +8,7 @@ local folder or s3:// prefix). Loading the version imports `LoraPipelineModel` f
 `mlflow models serve -m models:/NAME@champion --env-manager local` runs the code the version was
 registered with, in any environment that has the pinned libraries.
 
-`predict` takes a `prompt` column and returns one row per prompt: `image` (a base64 PNG), `width`,
+`predict` takes a column of prompts (named `prompt` or not) and returns one row per prompt: `image` (a base64 PNG), `width`,
 `height`; `decode_png(row["image"])` turns the string back into a PIL image. The params are the
 signature's (`PARAMS`); MLflow drops any other.
 """
@@ -47,7 +47,7 @@ class LoraPipelineModel(mlflow.pyfunc.PythonModel):
     `{"prompt": [...]}` dict into one) and returns a DataFrame with one row per prompt: `image` (base64
     PNG), `width`, `height`. Params (`PARAMS`): num_inference_steps (default 30), guidance_scale (7.5),
     seed (0), height and width (0: the model's own size), scale (LoRA scale for UNet and text encoder,
-    1.0), negative_prompt ("" : none).
+    1.0), negative_prompt ("": none).
     """
 
     def load_context(self, context):
