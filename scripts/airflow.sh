@@ -12,9 +12,13 @@ eval "$("$PY" scripts/stack.py env --airflow)"
 export PATH="$(dirname "$PY"):$PATH"
 mkdir -p "$AIRFLOW_HOME"
 
+# lora_finetune's form opens with the demo's setup (the shapes world, uploaded now): Trigger runs on a CPU
+LORA_PIPELINE_FINETUNE_DEFAULTS="$("$PY" scripts/demo_pipeline.py --print-form-defaults)"
+export LORA_PIPELINE_FINETUNE_DEFAULTS
+
 echo "airflow: migrating the metadata database in $AIRFLOW_HOME ..."
 airflow db migrate >"$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/migrate.log"; exit 1; }
 airflow pools set lora_gpu "${LORA_PIPELINE_GPU_SLOTS:-1}" "GPU steps: one slot per GPU" >/dev/null
 echo "airflow: UI on http://$AIRFLOW__API__HOST:$AIRFLOW__API__PORT (DAGs from $AIRFLOW__CORE__DAGS_FOLDER); Ctrl-C stops it"
-echo "airflow: trigger lora_finetune from its form; MLflow UI on $MLFLOW_TRACKING_URI"
+echo "airflow: trigger lora_finetune from its form (defaults: the demo's ring on the shapes world, a few minutes on a CPU); MLflow UI on $MLFLOW_TRACKING_URI"
 exec airflow standalone

@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out/demo-pipeline", help="where the grid and the logs are written")
     p.add_argument("--model-name", default=f"lora-{SUBJECT}", help="registered model name")
+    p.add_argument("--print-form-defaults", action="store_true",
+                   help="upload the shapes world to the running stack and print the demo's conf as JSON: "
+                        "lora_finetune's form defaults of the local profile (scripts/airflow.sh)")  # fmt: skip
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     t0 = time.monotonic()
@@ -365,6 +368,17 @@ def main(argv: list[str] | None = None) -> int:
     import stack
 
     state = stack.state_dir()
+    if args.print_form_defaults:
+        stack_env = stack.read_env(state)
+        if not stack_env:
+            raise RuntimeError(f"no {state / 'stack.env'}: run `make up` first")
+        os.environ.update(stack_env)
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON only
+            inputs = prepare_inputs(state / "demo-inputs", stack_env["LORA_PIPELINE_BUCKET"])
+        print(json.dumps(demo_conf(inputs, args.model_name)))
+        return 0
     print("1/4 local stack: SeaweedFS (S3) + MLflow", flush=True)
     stack_env = stack.up(state)
     env = {**os.environ, **stack.airflow_env(state, stack_env)}
