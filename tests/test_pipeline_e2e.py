@@ -3,7 +3,8 @@
 On the shapes world: run 1 (the demo's pivotal tuning of the new subject) registers the champion with its
 lineage; run 2, a weaker candidate (a few steps only), scores lower on the world's classifier and is
 registered as challenger while the champion stays; the batch scan then sees the subject as unchanged, and
-as changed once its dataset changes.
+as changed once its dataset changes. Then, through a running Airflow (scheduler, dag-processor, api-server), the
+scheduled `lora_batch` run and an asset-triggered `lora_retrain` run each train the subject whose data changed.
 """
 
 from __future__ import annotations
