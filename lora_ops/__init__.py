@@ -8,6 +8,10 @@ and resizing, format conversion, dataset preprocessing and evaluation.
 # torch, diffusers and transformers load only when something that needs them is used.
 import importlib as _importlib
 
+from .quiet import quiet_known_warnings as _quiet
+
+_quiet()  # a logging filter only (no imports): library users and the steps see no known noise either
+
 _EXPORTS = {
     "export_diffusers": "diffusers_export",
     "DistillConfig": "distill",

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import pkgutil
 import re
 import sys
 
 from . import commands
+from .quiet import quiet_known_warnings  # noqa: F401 - also the public import point
 
 
 def _version() -> str:
@@ -83,23 +83,6 @@ def name_flags(message: str, flags: dict[str, str], file_values: frozenset[str] 
             pattern = rf"(?<![\w.\-`'\[]){re.escape(field)}(?==)"
         message = re.sub(pattern, flags[field], message)
     return message
-
-
-# transformers' fallback to its PIL image processors when torchvision is absent is the intended path here
-# (torchvision is not a dependency); its warning on every model load says nothing to act on
-_KNOWN_NOISE = re.compile(r"requires torchvision \(not installed\); falling back to")
-
-
-class _DropKnownNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _KNOWN_NOISE.search(record.getMessage())
-
-
-def quiet_known_warnings() -> None:
-    """Filter the log lines the ML stack prints on every run that need no action (logging only: no imports)."""
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
-        logger.addFilter(_DropKnownNoise())
 
 
 def _file_keys(args: argparse.Namespace) -> frozenset[str]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .devices import resolve_device
 from .lora_file import LoraFile, LoraModule
 from .targets import canonical_name, resolve_targets
 
@@ -125,7 +126,7 @@ def distill(
     Raises ValueError when the two models' targeted layers differ in shape (mismatched bases).
     """
     config = config or DistillConfig()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    device = resolve_device(config.device)
     tuned_c, base_c = _components(tuned), _components(base)
     lora, report = LoraFile(), DistillReport()
     jobs = []

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import devices
 from .dataset import BatchSampler, ImageDataset, collate
 from .inject import LoraConfig, extract_lora, inject_lora
 from .lora_file import LoraFile
@@ -91,9 +92,7 @@ class Trainee:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(devices.resolve_device(name))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r}: CUDA is not available on this machine")
     return device

@@ -49,11 +49,10 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None, inputs: tuple[str,
 
 
 def device(name: str) -> str:
-    if name == "auto":
-        import torch
+    """`auto` -> CUDA, else MPS, else CPU (`lora_ops.devices.resolve_device`); any other name as given."""
+    from lora_ops.devices import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return resolve_device(name)
 
 
 def lineage_tags() -> dict[str, str]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..devices import resolve_device  # noqa: F401 - the commands' import point
+
 DEVICE_HELP = "auto (CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N, mps (default: auto)"
 
 
@@ -27,17 +29,3 @@ def examples(*lines: str) -> dict:
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-
-
-def resolve_device(name: str) -> str:
-    """`auto` -> "cuda" if available, else "mps" if available, else "cpu"; any other name as given."""
-    if name != "auto":
-        return name
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
