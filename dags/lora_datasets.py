@@ -20,7 +20,7 @@ import re
 import tempfile
 from typing import Any
 
-from airflow.sdk import Asset
+from airflow.sdk import Asset, Param
 
 BUCKET = os.environ.get("LORA_PIPELINE_BUCKET", "").strip() or "lora-pipeline"
 # Any change to a dataset (an upload tool, a producer DAG, the REST API) is an event on this asset;
@@ -107,3 +107,24 @@ def subjects_to_train(datasets_uri: str, model_prefix: str, only: set[str] | Non
         state = "no champion" if champions[s] is None else ("unchanged" if champions[s] == hashes[s] else "changed")
         print(f"{s}: dataset {hashes[s][:12]} ({state})")
     return select_subjects(hashes, champions), uris
+
+
+def subject_run_params() -> dict[str, Param]:
+    """The form fields lora_batch and lora_retrain share: how a subject's model is named, the conf of its runs."""
+    return {
+        "model_prefix": Param(
+            "lora-",
+            type="string",
+            pattern=r"^[A-Za-z0-9._-]*$",
+            title="Model name prefix",
+            description="A subject's registered model is <prefix><subject>",
+            section="Subjects",
+        ),
+        "finetune_conf": Param(
+            None,
+            type=["null", "object"],
+            title="lora_finetune conf for every run",
+            description='Overrides of lora_finetune\'s form for every run, e.g. {"tune_steps": 500} (empty: its defaults)',
+            section="Fine-tuning",
+        ),
+    }

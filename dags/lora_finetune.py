@@ -14,7 +14,6 @@ steps run (local subprocess, Docker, Kubernetes) is set by the deployment (`LORA
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -26,7 +25,7 @@ from airflow.sdk import DAG, Param, task
 from airflow.sdk.definitions.param import ParamValidationError
 
 sys.path.insert(0, str(Path(__file__).parent))  # the DAG folder's own modules, wherever it is mounted
-from lora_pipeline_tasks import ExecutorConfig, step_task  # noqa: E402
+from lora_pipeline_tasks import ExecutorConfig, json_setting, step_task  # noqa: E402
 
 CONFIG = ExecutorConfig.from_env()
 TOKENS_PATTERN = r"^<[^<>|\s]+>(\|<[^<>|\s]+>)*$"
@@ -316,14 +315,9 @@ def with_form_defaults(params: dict[str, Param], raw: str) -> dict[str, Param]:
     that the form triggers a run that works on a CPU without downloads. Raises ValueError naming the
     variable for malformed JSON, an unknown param or a default its schema rejects.
     """
-    if not raw.strip():
+    defaults = json_setting("LORA_PIPELINE_FINETUNE_DEFAULTS", raw, dict)
+    if not defaults:
         return params
-    try:
-        defaults = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"LORA_PIPELINE_FINETUNE_DEFAULTS: not valid JSON ({exc.msg})") from None
-    if not isinstance(defaults, dict):
-        raise ValueError(f"LORA_PIPELINE_FINETUNE_DEFAULTS: expected a JSON object, got {type(defaults).__name__}")
     unknown = sorted(set(defaults) - set(params))
     if unknown:
         raise ValueError(f"LORA_PIPELINE_FINETUNE_DEFAULTS: unknown param(s) {unknown}")

@@ -53,8 +53,9 @@ CREDENTIAL_VARS = (
 SETTING_VARS = ("S3_ENDPOINT_URL", "AWS_REGION", "MLFLOW_TRACKING_URI", "LORA_PIPELINE_CACHE")
 
 
-def _json_env(env: Mapping[str, str], name: str, kind: type) -> Any:
-    raw = env.get(name, "").strip()
+def json_setting(name: str, raw: str, kind: type) -> Any:
+    """A deployment setting holding JSON of `kind` (dict or list); empty: `kind()`. ValueError naming `name`."""
+    raw = raw.strip()
     if not raw:
         return kind()
     try:
@@ -62,8 +63,13 @@ def _json_env(env: Mapping[str, str], name: str, kind: type) -> Any:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{name}: not valid JSON ({exc.msg}): {raw!r}") from None
     if not isinstance(value, kind):
-        raise ValueError(f"{name}: expected a JSON {kind.__name__}, got {raw!r}")
+        expected = {dict: "object", list: "array"}.get(kind, kind.__name__)
+        raise ValueError(f"{name}: expected a JSON {expected}, got {type(value).__name__}: {raw!r}")
     return value
+
+
+def _json_env(env: Mapping[str, str], name: str, kind: type) -> Any:
+    return json_setting(name, env.get(name, ""), kind)
 
 
 @dataclass(frozen=True)

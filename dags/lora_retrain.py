@@ -19,7 +19,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import DAG, Param, task
 
 sys.path.insert(0, str(Path(__file__).parent))  # the DAG folder's own modules, wherever it is mounted
-from lora_datasets import DATASETS, SUBJECT_PATTERN, finetune_confs, subjects_to_train  # noqa: E402
+from lora_datasets import DATASETS, SUBJECT_PATTERN, finetune_confs, subject_run_params, subjects_to_train  # noqa: E402
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=1)}
 
@@ -63,23 +63,7 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["lora", "data"],
-    params={
-        "model_prefix": Param(
-            "lora-",
-            type="string",
-            pattern=r"^[A-Za-z0-9._-]*$",
-            title="Model name prefix",
-            description="A subject's registered model is <prefix><subject>",
-            section="Subjects",
-        ),
-        "finetune_conf": Param(
-            None,
-            type=["null", "object"],
-            title="lora_finetune conf for every run",
-            description='Overrides of lora_finetune\'s form for every run, e.g. {"tune_steps": 500} (empty: its defaults)',
-            section="Fine-tuning",
-        ),
-    },
+    params=subject_run_params(),
     default_args=DEFAULT_ARGS,
 ):
 

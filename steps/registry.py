@@ -56,13 +56,14 @@ class LoraPipelineModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from lora_ops import load_pipeline, patch_pipeline
+        from lora_ops.devices import resolve_device
 
         from .models import resolve_base_model
 
         self.lora_path = context.artifacts["lora"]
         self.metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
         base = resolve_base_model(self.metadata["base_model"])
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device("auto")
         dtype = torch.float16 if device == "cuda" else torch.float32
         self.pipe = load_pipeline(base.path, device=device, dtype=dtype)
         patch_pipeline(self.pipe, self.lora_path, adapter_name="registered")

@@ -37,6 +37,15 @@ def _same(sd_a, sd_b):
         assert torch.equal(sd_a[key], sd_b[key]), key
 
 
+def _our_image(pipe, lora, name: str, prompt: str | None = None):
+    """The image of `pipe` patched with `lora` (adapter `name`, removed afterwards)."""
+    patch_pipeline(pipe, lora, adapter_name=name)
+    try:
+        return run_pipe(pipe) if prompt is None else run_pipe(pipe, prompt)
+    finally:
+        remove_lora(pipe, name)
+
+
 def test_native_kohya_native_is_exact_with_conv(lora):
     native = lora.state_dict()
     kohya = convert_native_to_kohya(native)
@@ -92,11 +101,7 @@ def test_diffusers_loads_our_exports_same_image(tiny_model, pipe, lora, tmp_path
     path = write_any(tmp_path / "k.safetensors", no_tokens, "kohya")
     theirs = load_pipeline(tiny_model)
     theirs.load_lora_weights(str(path))
-    patch_pipeline(pipe, no_tokens, adapter_name="kohya")
-    try:
-        ours = run_pipe(pipe, "a photo")
-    finally:
-        remove_lora(pipe, "kohya")
+    ours = _our_image(pipe, no_tokens, "kohya", "a photo")
     assert np.abs(ours - base).max() > 1e-3  # the LoRA changes the image
     np.testing.assert_allclose(run_pipe(theirs, "a photo"), ours, atol=1e-5)
 
@@ -105,11 +110,7 @@ def test_diffusers_loads_our_exports_same_image(tiny_model, pipe, lora, tmp_path
     theirs.load_lora_weights(str(tmp_path / "out"))
     for token in lora.tokens:
         theirs.load_textual_inversion(str(paths[token]), token=token)
-    patch_pipeline(pipe, lora, adapter_name="full")
-    try:
-        ours = run_pipe(pipe)
-    finally:
-        remove_lora(pipe, "full")
+    ours = _our_image(pipe, lora, "full")
     np.testing.assert_allclose(run_pipe(theirs), ours, atol=1e-5)
 
 
@@ -203,11 +204,7 @@ def test_convert_to_one_diffusers_file_keeps_the_tokens_beside_it(tiny_model, pi
     theirs.load_lora_weights(str(out.parent), weight_name=out.name)
     for token in lora.tokens:
         theirs.load_textual_inversion(str(out.parent / f"my.{token.strip('<>')}.safetensors"), token=token)
-    patch_pipeline(pipe, lora, adapter_name="one-file")
-    try:
-        ours = run_pipe(pipe)
-    finally:
-        remove_lora(pipe, "one-file")
+    ours = _our_image(pipe, lora, "one-file")
     np.testing.assert_allclose(run_pipe(theirs), ours, atol=1e-5)
 
 
@@ -238,11 +235,7 @@ def test_kohya_token_modes(tiny_model, pipe, lora, tmp_path, capsys, mode):
     theirs.load_lora_weights(str(out))
     for token in lora.tokens:
         theirs.load_textual_inversion(str(out.parent / f"comfy.{token.strip('<>')}.safetensors"), token=token)
-    patch_pipeline(pipe, lora, adapter_name="kohya-separate")
-    try:
-        ours = run_pipe(pipe)
-    finally:
-        remove_lora(pipe, "kohya-separate")
+    ours = _our_image(pipe, lora, "kohya-separate")
     np.testing.assert_allclose(run_pipe(theirs), ours, atol=1e-5)
 
 
@@ -257,11 +250,7 @@ def _randomize_lora_b(model, seed: int) -> None:
 
 def _ours_matches(pipe, lora, theirs_image, base_image):
     # the prompt has no learned tokens: earlier tests leave theirs in the shared pipeline's tokenizer
-    patch_pipeline(pipe, lora, adapter_name="peft-read")
-    try:
-        ours = run_pipe(pipe, "a photo")
-    finally:
-        remove_lora(pipe, "peft-read")
+    ours = _our_image(pipe, lora, "peft-read", "a photo")
     assert np.abs(theirs_image - base_image).max() > 1e-3  # the adapter changes the image
     np.testing.assert_allclose(ours, theirs_image, atol=1e-5)
 
