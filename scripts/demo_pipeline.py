@@ -262,21 +262,29 @@ class AirflowServices:
             out.append(f"--- {path}\n" + "\n".join(lines))
         return "\n".join(out)
 
-    def api(self, method: str, path: str, body: dict | None = None) -> dict:
-        """One REST API call (`/api/v2/...`); raises RuntimeError with the server's answer on an HTTP error."""
+    def api(self, method: str, path: str, body: dict | None = None, attempts: int = 4) -> dict:
+        """One REST API call (`/api/v2/...`); raises RuntimeError with the server's answer on an HTTP error.
+
+        GET and PATCH (idempotent) are retried on a server error: on SQLite, a write waits at most 5 s for
+        the scheduler's and the dag-processor's, then fails with a 500 "Database error".
+        """
         import urllib.error
         import urllib.request
 
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return json.loads(resp.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(
-                f"{method} {path}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}"
-            ) from None
+        attempt = 1
+        while True:
+            req = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return json.loads(resp.read() or b"{}")
+            except urllib.error.HTTPError as exc:
+                answer = exc.read().decode(errors="replace")[:500]
+                if exc.code < 500 or method not in ("GET", "PATCH") or attempt >= attempts:
+                    raise RuntimeError(f"{method} {path}: HTTP {exc.code}: {answer}") from None
+            time.sleep(2 * attempt)
+            attempt += 1
 
     def unpause(self, *dag_ids: str) -> None:
         for dag_id in dag_ids:
