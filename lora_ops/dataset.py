@@ -16,11 +16,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-MASK_SUFFIX = ".mask.png"
-CAPTION_SUFFIX = ".txt"
+from .image_files import CAPTION_SUFFIX, DATASET_SUFFIXES, MASK_SUFFIX, load_image, load_mask
 
 # prompt templates in the spirit of the original textual-inversion and lora_diffusion lists; "{}" is the concept
 TEMPLATES: dict[str, list[str]] = {
@@ -53,49 +51,6 @@ TEMPLATES: dict[str, list[str]] = {
         "a small painting in the style of {}",
     ],
 }
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file to RGB with EXIF orientation applied.
-
-    Transparent images (RGBA, LA, P with transparency) are composited over white; 16-bit and 32-bit
-    greyscale (I;16, I) are scaled to 8 bits from their value range; CMYK, L and 1 are converted.
-    Raises ValueError if the file is not a readable image.
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable image ({exc})") from None
-    return to_rgb(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB correctly (see `load_rgb`)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def load_mask(path: str | Path) -> Image.Image:
-    """A mask file as 8-bit greyscale ("L"): 255 = the subject (weight 1), 0 = background."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable mask image ({exc})") from None
-    return to_rgb(img).convert("L")
 
 
 @dataclass
@@ -137,7 +92,7 @@ def scan_folder(directory: str | Path, on_bad_files: Literal["error", "skip"] = 
         lower = path.name.lower()
         if lower.endswith(MASK_SUFFIX) or lower.endswith(CAPTION_SUFFIX):
             continue
-        if not lower.endswith(IMAGE_EXTENSIONS):
+        if not lower.endswith(DATASET_SUFFIXES):
             bad.append(f"{path.name} (not a png/jpg/jpeg/webp image)")
             continue
         try:
@@ -255,7 +210,7 @@ class ImageDataset:
         self.images: list[torch.Tensor] = []  # (3, h, w) uint8, shorter side = res
         self.masks: list[torch.Tensor | None] = []  # (1, h, w) uint8
         for ex in self.examples:
-            img = load_rgb(ex.image)
+            img = load_image(ex.image)
             if min(img.size) < res:
                 small.append(f"{ex.image.name} {img.size[0]}x{img.size[1]}")
             size = _fit_shorter_side(img.size, res)

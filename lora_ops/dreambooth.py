@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .dataset import IMAGE_EXTENSIONS, DatasetConfig, ImageDataset
+from .dataset import DatasetConfig, ImageDataset
+from .image_files import list_images
 from .lora_file import save_lora
 from .train_checkpoint import load_checkpoint, resolve_resume
 from .train_config import DreamBoothConfig
@@ -31,16 +32,6 @@ from .train_loop import (
 )
 
 
-def _count_images(directory: Path) -> int:
-    if not directory.is_dir():
-        return 0
-    return sum(
-        1
-        for p in directory.iterdir()
-        if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.name.startswith(".")
-    )
-
-
 @torch.no_grad()
 def generate_class_images(trainee: Trainee, config: DreamBoothConfig) -> int:
     """Generate the missing class images with the base model into class_data_dir; returns how many.
@@ -50,7 +41,7 @@ def generate_class_images(trainee: Trainee, config: DreamBoothConfig) -> int:
     """
     directory = Path(config.class_data_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    have = _count_images(directory)
+    have = len(list_images(directory))
     missing = config.num_class_images - have
     if missing <= 0:
         return 0

@@ -26,13 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .captioning import check_model_source
+from .image_files import INPUT_SUFFIXES, list_images, load_image
 from .images import make_grid, save_gif
 from .lora_file import load_lora
 from .metrics import ClipScorer, DinoScorer, clip_t, mean_similarity
 from .models import load_pipeline
 from .outputs import check_output, prepare_output, publish_output
 from .precision import torch_dtype
-from .preprocess import IMAGE_SUFFIXES, load_image
 from .runtime import patch_pipeline, remove_lora, set_scales
 
 Metric = Literal["clip_i", "clip_t", "dino", "classifier"]
@@ -120,7 +120,7 @@ class EvaluateConfig:
         if not self.seeds:
             raise ValueError("seeds=[] : give at least one seed")
         if self.names is None:
-            self.names = _unique_names([p.stem for p in self.loras])
+            self.names = unique_names([p.stem for p in self.loras])
         else:
             self.names = [str(n) for n in self.names]
             if len(self.names) != len(self.loras) or len(set(self.names)) != len(self.names):
@@ -175,7 +175,9 @@ def _scale_pair(value) -> tuple[float, float]:
     return (float(pair[0]), float(pair[1]))
 
 
-def _unique_names(stems: Sequence[str]) -> list[str]:
+def unique_names(stems: Sequence[str]) -> list[str]:
+    """Display and folder names for LoRAs from their file or prefix names: safe characters, never `base`
+    (the base model's row), a `-2`, `-3` suffix on repeats."""
     out: list[str] = []
     for stem in stems:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) or "lora"
@@ -237,11 +239,7 @@ class _Scores:
                 self.target = (head, label)
         self.instance_clip = self.instance_dino = None
         if cfg.instance_dir is not None:
-            files = sorted(
-                p
-                for p in cfg.instance_dir.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.lower().endswith(".mask.png")
-            )
+            files = list_images(cfg.instance_dir, INPUT_SUFFIXES)
             if not files:
                 raise ValueError(f"instance_dir={str(cfg.instance_dir)!r} holds no images")
             instances = [load_image(p) for p in files]

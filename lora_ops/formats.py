@@ -244,7 +244,8 @@ def lora_from_raw(
     fmt: str, tensors: Mapping[str, Any], metadata: Mapping[str, str], base: Any = None, token: str = "<emb>"
 ) -> LoraFile:
     """A LoraFile from a detected raw state dict (see `read_raw`)."""
-    from .legacy import check_shapes, read_legacy
+    from .legacy import read_legacy
+    from .lora_file import check_shapes
 
     models = model_skeletons(base) if base is not None else None
     if fmt == "native":

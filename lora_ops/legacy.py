@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .convert import convert_legacy_to_native, convert_native_to_legacy
-from .lora_file import COMPONENTS, LoraFile, atomic_write, lora_from_state_dict
+from .lora_file import COMPONENTS, LoraFile, atomic_write, check_shapes, lora_from_state_dict
 from .targets import PRESETS, canonical_name, preset_targets
 
 # one concept, several class names: CLIP attention implementations, and "CrossAttention", the pre-0.12
@@ -123,38 +123,6 @@ def read_legacy(
         lora.metadata = {"source_format": "lora_diffusion", "legacy_order": order}
         return lora
     raise ValueError("lora_diffusion file does not fit the model in any traversal order: " + "; ".join(errors))
-
-
-def check_shapes(lora: LoraFile, models: Mapping[str, nn.Module]) -> None:
-    """Every module exists in the model and its factors fit the layer; ValueError naming the first misfit."""
-    from .targets import get_module
-
-    for comp in COMPONENTS:
-        model = models.get(comp)
-        for name, mod in lora.component(comp).items():
-            layer = None if model is None else get_module(model, name)
-            if layer is None:
-                raise ValueError(f"{comp} has no module {name!r}: this LoRA was made for another architecture")
-            layer = getattr(layer, "base_layer", layer)
-            if isinstance(layer, nn.Conv2d):
-                want = (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
-            elif isinstance(layer, nn.Linear):
-                want = (layer.out_features, layer.in_features)
-            else:
-                raise ValueError(f"{comp}.{name} is a {type(layer).__name__}; LoRA needs Linear or Conv2d")
-            got = (mod.out_features, *mod.lora_A.shape[1:])
-            if got != want or (mod.is_conv and tuple(mod.lora_B.shape[2:]) != (1, 1)):
-                raise ValueError(
-                    f"{comp}.{name}: ΔW shape {got} (lora_A {tuple(mod.lora_A.shape)}, lora_B "
-                    f"{tuple(mod.lora_B.shape)}) does not fit the layer's weight {want}"
-                )
-    tokens = lora.tokens
-    te = models.get("text_encoder")
-    if tokens and te is not None:
-        dim = te.get_input_embeddings().weight.shape[1]
-        for token, vector in tokens.items():
-            if tuple(vector.shape) != (dim,):
-                raise ValueError(f"token {token!r} has shape {tuple(vector.shape)}; the text encoder needs ({dim},)")
 
 
 def write_legacy(path: str | Path, lora: LoraFile, models: Mapping[str, nn.Module], order: str = "model") -> Path:

@@ -19,8 +19,7 @@ from typing import Literal
 import torch
 
 from .formats import lora_dims
-from .legacy import check_shapes
-from .lora_file import COMPONENTS, LoraFile, LoraModule, require_finite
+from .lora_file import COMPONENTS, LoraFile, LoraModule, check_shapes, require_finite
 from .resize import ResizeConfig, ResizeReport, resize_module
 from .runtime import patch_pipeline
 from .targets import get_module

@@ -1,14 +1,13 @@
-"""Turn a folder of subject images into a training dataset: captions, masks, square crops, a manifest.
+"""Turn a folder of subject images into a training dataset: captions, masks, square crops, a record.
 
 The output is the layout the trainer reads: `<name>.png` (resolution x resolution RGB), `<name>.txt`
-(caption), `<name>.mask.png` ("L", 255 on the subject), plus `manifest.json` (sha256 of every file,
+(caption), `<name>.mask.png` ("L", 255 on the subject), plus `dataset.json` (sha256 of every file,
 models, parameters; written last) and `preview/contact_sheet.png` (images, masks and captions). The
 folder appears complete or not at all: everything is written to a sibling folder, then renamed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import re
@@ -21,18 +20,20 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .captioning import Captioner, check_model_source, edit_caption, load_pretrained
 from .dataset import read_caption
+from .hashing import sha256_file
+from .image_files import INPUT_SUFFIXES, list_images, load_image
 from .images import make_grid
 from .masks import ClipSegMasker, FaceMasker, center_of_mass, square_box
 from .outputs import check_disjoint, prepare_output, publish_output
 from .precision import torch_dtype
 from .tiny_vision import make_tiny_preprocess_models
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+RECORD = "dataset.json"  # the preprocessing record, written last
 MaskKind = Literal["clipseg", "face", "none"]
 CropKind = Literal["mask", "center"]
 OnError = Literal["raise", "skip"]
@@ -41,10 +42,8 @@ __all__ = [
     "PreprocessConfig",
     "PreprocessResult",
     "Upscaler",
-    "load_image",
     "make_tiny_preprocess_models",
     "preprocess_dataset",
-    "sha256_file",
 ]
 
 
@@ -73,7 +72,7 @@ class PreprocessConfig:
         max_upscale_passes: how many times the upscaler may run on one image.
         min_size: images whose shorter side is below this are bad input.
         on_error: "raise" lists every bad input in one error before writing anything; "skip" warns and
-            leaves them out (listed in the manifest).
+            leaves them out (listed in the record).
         overwrite: replace a non-empty `output_dir`.
         device / dtype: where the models run.
         seed: seeds torch before the models run.
@@ -144,52 +143,10 @@ class PreprocessResult:
     """Where the dataset is and what is in it (items: name, source, caption, sizes, mask, upscaled)."""
 
     output_dir: Path
-    manifest: Path
+    record: Path
     contact_sheet: Path
     items: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and float grayscale ("I;16", "I", "F") as 8-bit "L"."""
-    array = np.asarray(image)
-    if image.mode == "F":
-        array = array * 255.0 if array.max() <= 1.0 else array
-    elif image.mode.startswith("I;16") or array.max() > 255:
-        array = array / 257.0
-    return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), "L")
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB image, EXIF orientation applied, transparency composited on white, 16-bit scaled to 8-bit.
-
-    Raises ValueError (naming the file) for anything PIL cannot decode.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            image = ImageOps.exif_transpose(im) or im
-            image = image.copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{path.name}: cannot read image ({exc})") from None
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        image = _to_8bit(image)
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Upscaler:
@@ -219,13 +176,9 @@ def _safe_name(stem: str) -> str:
 
 
 def _list_inputs(input_dir: Path) -> list[Path]:
-    files = [
-        p
-        for p in sorted(input_dir.iterdir())
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.lower().endswith(".mask.png")
-    ]
+    files = list_images(input_dir, INPUT_SUFFIXES)
     if not files:
-        raise ValueError(f"input_dir={str(input_dir)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"input_dir={str(input_dir)!r} holds no images ({', '.join(INPUT_SUFFIXES)})")
     return files
 
 
@@ -295,7 +248,7 @@ def preprocess_dataset(config: PreprocessConfig) -> PreprocessResult:
         masker = None
     upscaler = Upscaler(cfg.upscale_model, cfg.device, dtype) if cfg.upscale_model else None
 
-    staging = prepare_output(cfg.output_dir, cfg.overwrite, "manifest.json", {"input_dir": cfg.input_dir})
+    staging = prepare_output(cfg.output_dir, cfg.overwrite, RECORD, {"input_dir": cfg.input_dir})
     try:
         items, sheet_rows = [], []
         for name, (path, image, fallback) in zip(names, tqdm(images, desc="preprocess", unit="image"), strict=True):
@@ -351,14 +304,14 @@ def preprocess_dataset(config: PreprocessConfig) -> PreprocessResult:
             "parameters": parameters,
             "versions": _versions(),
         }
-        # the manifest goes last: a folder with a manifest is complete
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=list) + "\n")
+        # the record goes last: a folder with a record is complete
+        (staging / RECORD).write_text(json.dumps(manifest, indent=2, default=list) + "\n")
         publish_output(staging, cfg.output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     out = cfg.output_dir
-    return PreprocessResult(out, out / "manifest.json", out / sheet.relative_to(staging), items, bad)
+    return PreprocessResult(out, out / RECORD, out / sheet.relative_to(staging), items, bad)
 
 
 def _versions() -> dict[str, str]:

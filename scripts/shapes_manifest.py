@@ -19,8 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
+    from lora_ops.hashing import sha256_file
     from lora_ops.shapes.evaluator import ShapesEvaluator
-    from lora_ops.shapes.pretrain import _versions, check_clip, check_evaluator, sha256_file
+    from lora_ops.shapes.pretrain import _versions, check_clip, check_evaluator
     from lora_ops.shapes.quality import base_accuracy
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

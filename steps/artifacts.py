@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from lora_ops.hashing import sha256_file
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "lora-pipeline/manifest/v1"
 SHA256_META = "sha256"  # user metadata key every published object carries (x-amz-meta-sha256)
@@ -285,14 +287,6 @@ def _short(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # the store: the same operations on S3 and on a local folder
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Store:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lora_ops import image_files
+
 from .artifacts import CredentialsError, IntegrityError, StorageError, local_names, refuse_overlap
 
 XCOM_DIR = Path("/airflow/xcom")
@@ -141,7 +143,7 @@ def _is_tracking_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException) and ("Max retries exceeded" in text or "Connection refused" in text)
 
 
-DATASET_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".txt")
+DATASET_SUFFIXES = (*image_files.DATASET_SUFFIXES, image_files.CAPTION_SUFFIX)  # masks end in .png
 
 
 def is_dataset_file(rel: str) -> bool:

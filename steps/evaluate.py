@@ -11,11 +11,13 @@ Each `--lora` is the output prefix of tune or distill. Writes `metrics.json`, `c
 
 from __future__ import annotations
 
-import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from lora_ops.evaluate import unique_names
+from lora_ops.image_files import list_images
 
 from . import common
 from .artifacts import fetch, find_completed, parse_uri, publish, uri_of
@@ -50,16 +52,7 @@ def build_parser():
 
 def candidate_names(uris: list[str]) -> list[str]:
     """Display names from the prefixes' last segments (`tune`, `distill-r4`), made unique."""
-    names: list[str] = []
-    for uri in uris:
-        loc = parse_uri(uri, "--lora")
-        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(loc.key.rstrip("/")).name) or "lora"
-        stem = "lora" if stem == "base" else stem
-        name, i = stem, 2
-        while name in names:
-            name, i = f"{stem}-{i}", i + 1
-        names.append(name)
-    return names
+    return unique_names([Path(parse_uri(uri, "--lora").key.rstrip("/")).name for uri in uris])
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -105,9 +98,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         # the instance images without masks, for CLIP-I/DINO
         instance = tmp / "instance"
         instance.mkdir()
-        for img in dataset.path.iterdir():
-            if img.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and not img.name.endswith(".mask.png"):
-                (instance / img.name).symlink_to(img)
+        for img in list_images(dataset.path):
+            (instance / img.name).symlink_to(img)
         with start_step(STEP, args.run_id, args.experiment, params={**params, "dataset": args.dataset,
                         "base_model": args.base_model, "loras": args.lora}, tags=common.lineage_tags()) as tracker:  # fmt: skip
             out_dir = tmp / "out"

@@ -11,7 +11,6 @@ Writes `<name>.png`, `<name>.txt`, `<name>.mask.png`, `dataset.json` (the prepro
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -105,8 +104,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     seed=args.seed,
                 )
             )
-            # the library's own record would clash with the step manifest: keep it as dataset.json
-            os.replace(result_lib.manifest, out_dir / "dataset.json")
             n = len(result_lib.items)
             tracker.log_metrics({"num_images": n, "skipped": len(result_lib.skipped)})
             if result_lib.contact_sheet and Path(result_lib.contact_sheet).is_file():

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lora_ops.image_files import PICTURE_SUFFIXES
+
 DEFAULT_EXPERIMENT = "lora-pipeline"
 ROLE_TAG = "lora_pipeline.role"  # "pipeline" for the parent, "step" for nested runs
 KEY_TAG = "lora_pipeline.run_key"  # `run_key(pipeline_run_id)`: what runs and model versions are searched by
@@ -309,7 +311,7 @@ def log_images_dir(tracker: Tracker | NullTracker, folder: str | Path, artifact_
     folder = Path(folder)
     n = 0
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".webp") and path.is_file():
+        if path.suffix.lower() in PICTURE_SUFFIXES and path.is_file():
             rel_parent = path.parent.relative_to(folder).as_posix()
             dest = artifact_path if rel_parent == "." else f"{artifact_path}/{rel_parent}"
             tracker.log_artifact(path, dest)

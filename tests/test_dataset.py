@@ -14,10 +14,10 @@ from lora_ops.dataset import (
     DatasetConfig,
     ImageDataset,
     caption_from_filename,
-    load_rgb,
     random_inpaint_mask,
     scan_folder,
 )
+from lora_ops.image_files import load_image
 
 
 def solid(path, color=(200, 30, 30), size=(40, 40), mode="RGB"):
@@ -63,24 +63,24 @@ def test_modes_convert_to_rgb_correctly(tmp_path):
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white background
     rgba.putpixel((0, 0), (255, 0, 0, 255))
     rgba.save(tmp_path / "rgba.png")
-    assert load_rgb(tmp_path / "rgba.png").getpixel((1, 1)) == (255, 255, 255)
-    assert load_rgb(tmp_path / "rgba.png").getpixel((0, 0)) == (255, 0, 0)
+    assert load_image(tmp_path / "rgba.png").getpixel((1, 1)) == (255, 255, 255)
+    assert load_image(tmp_path / "rgba.png").getpixel((0, 0)) == (255, 0, 0)
     Image.new("LA", (4, 4), (0, 0)).save(tmp_path / "la.png")
-    assert load_rgb(tmp_path / "la.png").getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(tmp_path / "la.png").getpixel((0, 0)) == (255, 255, 255)
     p = Image.new("P", (4, 4), 0)
     p.putpalette([10, 20, 30] + [0, 0, 0] * 255)
     p.save(tmp_path / "p.png")
-    assert load_rgb(tmp_path / "p.png").getpixel((0, 0)) == (10, 20, 30)
+    assert load_image(tmp_path / "p.png").getpixel((0, 0)) == (10, 20, 30)
     Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
-    r, g, b = load_rgb(tmp_path / "cmyk.jpg").getpixel((0, 0))
+    r, g, b = load_image(tmp_path / "cmyk.jpg").getpixel((0, 0))
     assert r > 240 and g < 15 and b < 15
     Image.new("L", (4, 4), 77).save(tmp_path / "l.png")
-    assert load_rgb(tmp_path / "l.png").getpixel((0, 0)) == (77, 77, 77)
+    assert load_image(tmp_path / "l.png").getpixel((0, 0)) == (77, 77, 77)
     Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(tmp_path / "i16.png")
     Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(tmp_path / "i16half.png")
     assert Image.open(tmp_path / "i16.png").mode.startswith("I")
-    assert load_rgb(tmp_path / "i16.png").getpixel((0, 0)) == (255, 255, 255)
-    assert load_rgb(tmp_path / "i16half.png").getpixel((0, 0)) == (128, 128, 128)
+    assert load_image(tmp_path / "i16.png").getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(tmp_path / "i16half.png").getpixel((0, 0)) == (128, 128, 128)
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -88,7 +88,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = img.getexif()
     exif[0x0112] = 6  # rotate 90° clockwise on display
     img.save(tmp_path / "rot.jpg", exif=exif)
-    assert load_rgb(tmp_path / "rot.jpg").size == (20, 40)
+    assert load_image(tmp_path / "rot.jpg").size == (20, 40)
 
 
 def test_prompts_templates_token_map_and_filenames(tmp_path):

@@ -13,8 +13,10 @@ import pytest
 from PIL import Image
 
 from lora_ops.captioning import edit_caption
+from lora_ops.hashing import sha256_file
+from lora_ops.image_files import load_image
 from lora_ops.masks import FaceMasker, center_of_mass, square_box
-from lora_ops.preprocess import PreprocessConfig, load_image, preprocess_dataset, sha256_file
+from lora_ops.preprocess import PreprocessConfig, preprocess_dataset
 from lora_ops.tiny_vision import make_tiny_captioner, make_tiny_segmenter, make_tiny_upscaler
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -106,9 +108,9 @@ def test_dataset_layout_and_manifest(processed, vision_models):
         assert set(np.unique(np.asarray(mask))) <= {0, 255}  # threshold given: binary masks
         caption = (out / f"{name}.txt").read_text().strip()
         assert caption.startswith("a photo of <s1>")
-    manifest = json.loads(processed.manifest.read_text())
+    manifest = json.loads(processed.record.read_text())
     assert set(manifest["files"]) == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {
-        "manifest.json"
+        "dataset.json"
     }
     for rel, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(out / rel)
@@ -138,8 +140,8 @@ def test_cli_is_deterministic(processed, images_dir, vision_models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["images"] == 7 and summary["skipped"] == []
-    first = json.loads(processed.manifest.read_text())["files"]
-    second = json.loads((out / "manifest.json").read_text())["files"]
+    first = json.loads(processed.record.read_text())["files"]
+    second = json.loads((out / "dataset.json").read_text())["files"]
     assert first == second  # same bytes for every image, mask, caption and the contact sheet
 
 
@@ -159,7 +161,7 @@ def test_bad_inputs_are_listed_in_one_error(images_dir, tmp_path):
             PreprocessConfig(src, out, resolution=64, caption_model=None, mask="none", on_error="skip")
         )
     assert [i["name"] for i in result.items] == ["good"]
-    assert sorted(s["file"] for s in json.loads(result.manifest.read_text())["skipped"]) == ["broken.jpg", "tiny.png"]
+    assert sorted(s["file"] for s in json.loads(result.record.read_text())["skipped"]) == ["broken.jpg", "tiny.png"]
     assert (out / "good.txt").read_text().strip() == "good"  # no captioner: the file name
     assert np.asarray(Image.open(out / "good.mask.png")).min() == 255
 
@@ -178,12 +180,12 @@ def test_output_folder_is_not_clobbered(images_dir, tmp_path):
     fresh = tmp_path / "fresh"
     preprocess_dataset(PreprocessConfig(images_dir, fresh, **cfg))
     again = preprocess_dataset(PreprocessConfig(images_dir, fresh, overwrite=True, **cfg))
-    assert len(again.items) == len(NAMES) and again.manifest.is_file()
+    assert len(again.items) == len(NAMES) and again.record.is_file()
     # a file the user added to an earlier output is never deleted by --overwrite
     (fresh / "notes.md").write_text("mine")
     with pytest.raises(ValueError, match=r"did not write \(\['notes.md'\]\)"):
         preprocess_dataset(PreprocessConfig(images_dir, fresh, overwrite=True, **cfg))
-    assert (fresh / "notes.md").read_text() == "mine" and again.manifest.is_file()
+    assert (fresh / "notes.md").read_text() == "mine" and again.record.is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
@@ -225,7 +227,7 @@ def test_face_masks_fall_back_to_whole_image(images_dir, tmp_path):
             )
         )
     assert all(item.get("mask_empty") for item in result.items)
-    assert json.loads(result.manifest.read_text())["models"]["masker"].startswith("opencv:")
+    assert json.loads(result.record.read_text())["models"]["masker"].startswith("opencv:")
 
 
 def test_crop_follows_the_mask():

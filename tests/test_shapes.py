@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from lora_ops.hashing import sha256_file
 from lora_ops.shapes import manifest, pretrained
-from lora_ops.shapes.pretrain import sha256_file
 from lora_ops.shapes.world import (
     CONCEPTS,
     Spec,

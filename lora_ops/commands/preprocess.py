@@ -41,7 +41,7 @@ def run(args) -> int:
                 "output_dir": str(result.output_dir),
                 "images": len(result.items),
                 "skipped": [s["file"] for s in result.skipped],
-                "manifest": str(result.manifest),
+                "record": str(result.record),
                 "contact_sheet": str(result.contact_sheet),
             }
         )
@@ -53,7 +53,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "preprocess",
         help="caption (BLIP), mask (CLIPSeg or faces), crop and resize images into a training dataset",
-        description="Writes <name>.png, <name>.txt, <name>.mask.png, manifest.json and preview/contact_sheet.png.",
+        description="Writes <name>.png, <name>.txt, <name>.mask.png, dataset.json (the record) and preview/contact_sheet.png.",
         **examples(
             'lora-ops preprocess photos/ dataset/ --resolution 512 --caption-token "<s1><s2>" --substitute "a man"',
             "lora-ops preprocess photos/ dataset/ --caption-model none --mask none --crop center",

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..hashing import sha256_file
 from ..losses import min_snr_weights, per_sample_mse, prediction_target
-from ..preprocess import sha256_file
 from ..tiny import SCHEDULER_DEFAULTS, write_byte_level_tokenizer
 from .evaluator import NONE, EvaluatorConfig, ShapesEvaluator
 from .world import ALL_SHAPES, COLOURS, SIZE, STYLES, Spec, all_specs, caption, known_specs, render, render_none

@@ -174,6 +174,7 @@ def train_baseline(
     from tqdm.auto import tqdm
 
     from ..dataset import DatasetConfig, ImageDataset
+    from ..losses import prediction_target
     from ..models import load_pipeline
     from ..tokens import add_tokens, init_token_embeddings
 
@@ -215,7 +216,7 @@ def train_baseline(
         noise = torch.randn(latents[idx].shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
         pred = unet(sched.add_noise(latents[idx], noise, t), t, embeds[idx]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, prediction_target(sched, latents[idx], noise, t))  # v on the world's base
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
