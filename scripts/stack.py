@@ -26,7 +26,6 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the server start functions are shared with the test fixtures
 
 BUCKET = "lora-pipeline"  # datasets, base models and run outputs
 ARTIFACT_BUCKET = "mlflow"  # MLflow's proxied artifact store
@@ -126,7 +125,7 @@ def status(state: Path) -> dict[str, dict]:
 
 def up(state: Path) -> dict[str, str]:
     """Start SeaweedFS and MLflow unless they already run; return the client environment."""
-    from stack_fixtures import start_mlflow, start_seaweedfs
+    from lora_pipeline.devstack import start_mlflow, start_seaweedfs
 
     state.mkdir(parents=True, exist_ok=True)
     env = read_env(state)
@@ -167,7 +166,7 @@ def up(state: Path) -> dict[str, str]:
                 f"port {mlflow_port} is taken by another program: stop it or set LORA_PIPELINE_MLFLOW_PORT"
             )
         if s3 is None:  # SeaweedFS was already running: describe it for start_mlflow
-            from stack_fixtures import Server
+            from lora_pipeline.devstack import Server
 
             s3 = Server("seaweedfs", env["S3_ENDPOINT_URL"], None, state / "seaweedfs.weed.log", env=env)
         print(f"mlflow: starting on {env['MLFLOW_TRACKING_URI']} (log {state / 'mlflow' / 'mlflow.log'}) ...")

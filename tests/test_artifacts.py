@@ -8,7 +8,6 @@ import os
 
 import pytest
 from minio import Minio
-from stack_fixtures import s3_server  # noqa: F401 - fixture
 
 from steps.artifacts import (
     MANIFEST,
@@ -179,8 +178,7 @@ def test_wrong_credentials_give_a_clear_error(tmp_path, s3_env, monkeypatch):
 
 
 def test_unreachable_store_retries_then_fails(tmp_path, monkeypatch):
-    from stack_fixtures import free_ports
-
+    from lora_pipeline.devstack import free_ports
     from steps.artifacts import StorageError
 
     monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from stack_fixtures import mlflow_server, s3_server, stack_env  # noqa: F401  (pytest fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from stack_fixtures import free_ports, mlflow_server, s3_server, stack_env  # noqa: F401  (pytest fixtures)
+
+from lora_pipeline.devstack import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

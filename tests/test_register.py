@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from stack_fixtures import mlflow_server, s3_server, stack_env  # noqa: F401 - fixtures
 
 from steps import register
 from steps.artifacts import publish, sha256_file

@@ -15,9 +15,9 @@ import urllib.request
 import warnings
 
 import pytest
-from stack_fixtures import Server, _bin, _wait_http, free_ports, mlflow_server, s3_server, stack_env  # noqa: F401
 from test_register import publish_candidate, publish_evaluation
 
+from lora_pipeline.devstack import Server, free_ports, server_binary, wait_http
 from steps import register
 from steps.artifacts import publish
 from steps.registry import PARAMS, decode_png
@@ -83,7 +83,7 @@ def test_served_model_answers_rest_requests_with_the_asked_images(registered, tm
     # `mlflow models serve` execs `uvicorn` from PATH: this environment's, as after `source .venv/bin/activate`
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = {**os.environ, **registered["env"], "PATH": path}
-    cmd = [_bin("mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
+    cmd = [server_binary("mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--timeout", "240"]  # fmt: skip
     log_path = tmp_path / "serve.log"
     with open(log_path, "ab") as log:
@@ -91,7 +91,7 @@ def test_served_model_answers_rest_requests_with_the_asked_images(registered, tm
                                 start_new_session=True)  # fmt: skip
     server = Server("mlflow models serve", f"http://127.0.0.1:{port}", proc, log_path)
     try:
-        _wait_http(server, "/ping", timeout=300, ok=(200,))
+        wait_http(server, "/ping", timeout=300, ok=(200,))
 
         def invoke(body: dict) -> list[dict]:
             request = urllib.request.Request(
@@ -168,9 +168,11 @@ def test_lora_registry_prints_no_warning(registered, tmp_path):
     warning was printed on every call, the input-example one on every registration)."""
     assert registered["mlflow_warnings"] == []
     env = {**os.environ, **registered["env"]}
-    helped = subprocess.run([_bin("lora-registry"), "--help"], env=env, capture_output=True, text=True, timeout=120)
+    helped = subprocess.run(
+        [server_binary("lora-registry"), "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert helped.returncode == 0 and helped.stderr == "", helped.stderr
-    got = subprocess.run([_bin("lora-registry"), "get", f"{NAME}@champion", "--out", str(tmp_path / "out")], env=env,
+    got = subprocess.run([server_binary("lora-registry"), "get", f"{NAME}@champion", "--out", str(tmp_path / "out")], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert got.returncode == 0, got.stderr
     assert "warning" not in got.stderr.lower(), got.stderr

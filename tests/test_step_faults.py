@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 from minio import Minio
-from stack_fixtures import mlflow_server, restart_seaweedfs, s3_server, stack_env, start_seaweedfs  # noqa: F401
 from test_register import make_lora
 from test_steps import raw_images, upload_folder
 
+from lora_pipeline.devstack import start_seaweedfs
 from steps import distill, tune
 from steps.artifacts import (
     IntegrityError,
@@ -217,7 +217,7 @@ def test_missing_bucket_is_one_clear_line(tmp_path, stack_env, capsys):  # noqa:
 
 
 def test_mlflow_down_exits_3(tmp_path, stack_env, tiny_model, monkeypatch, capsys):  # noqa: F811
-    from stack_fixtures import free_ports
+    from lora_pipeline.devstack import free_ports
 
     folder = tmp_path / "tune"
     folder.mkdir()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from minio import Minio
-from stack_fixtures import mlflow_server, s3_server, stack_env  # noqa: F401 - fixtures
 from test_steps import raw_images, upload_folder
 
 from steps import distill, evaluate, invert, preprocess, register, tune

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from minio import Minio
 from PIL import Image
-from stack_fixtures import mlflow_server, s3_server, stack_env  # noqa: F401 - fixtures
 
 from steps import distill, evaluate, invert, preprocess, register, tune
 from steps.artifacts import read_manifest

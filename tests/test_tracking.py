@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-from stack_fixtures import mlflow_server, s3_server, stack_env  # noqa: F401 - fixtures
 
 from steps.tracking import NullTracker, start_step
 

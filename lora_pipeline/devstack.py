@@ -1,8 +1,8 @@
-"""Real servers on free loopback ports: SeaweedFS (S3) and an MLflow tracking server proxying artifacts to it.
+"""The local stack's servers on loopback ports: SeaweedFS (S3) and an MLflow tracking server proxying artifacts to it.
 
-Plain functions (`start_seaweedfs`, `start_mlflow`, `Server.stop`) are reused by the local stack script;
-the pytest fixtures (`s3_server`, `mlflow_server`, `stack_env`) start each server once per test session
-and stop it afterwards. Import them explicitly in a test module: `from stack_fixtures import ...`.
+Used by `scripts/stack.py` (`make up`, the demo) and by the test fixtures (`tests/conftest.py`): the same
+servers a user's stack runs, started as processes of this machine. Every function is plain: start,
+wait until healthy, stop.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
 
 ACCESS_KEY = "lora-pipeline-test"
 SECRET_KEY = "lora-pipeline-test-secret"
@@ -40,7 +39,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def _bin(name: str) -> str:
+def server_binary(name: str) -> str:
     """A console script of this virtual environment (next to the interpreter), else from PATH."""
     here = Path(sys.executable).parent / name
     if here.exists():
@@ -89,7 +88,7 @@ class Server:
             return ""
 
 
-def _wait_http(server: Server, path: str, timeout: float, ok=(200, 403)) -> None:
+def wait_http(server: Server, path: str, timeout: float, ok=(200, 403)) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
@@ -139,7 +138,7 @@ def start_seaweedfs(
     ]
     args = [f"-{n}={p}" for n, p in zip(names, ports[1:], strict=True)]
     cmd = [
-        _bin("weed"),
+        server_binary("weed"),
         "mini",
         f"-dir={data_dir}",
         "-ip=127.0.0.1",
@@ -165,7 +164,7 @@ def start_seaweedfs(
         env={"S3_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key},
         restart_args={"data_dir": data_dir, "s3_port": s3_port, "access_key": access_key, "secret_key": secret_key},
     )
-    _wait_http(server, "/", timeout)
+    wait_http(server, "/", timeout)
     _wait_s3_writable(server, timeout)
     return server
 
@@ -229,7 +228,7 @@ def start_mlflow(
         client.make_bucket(bucket)
     port = port or free_ports(1)[0]
     cmd = [
-        _bin("mlflow"),
+        server_binary("mlflow"),
         "server",
         "--host",
         "127.0.0.1",
@@ -254,60 +253,5 @@ def start_mlflow(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     server = Server("mlflow", url, proc, log_path, env={"MLFLOW_TRACKING_URI": url})
-    _wait_http(server, "/health", timeout, ok=(200,))
+    wait_http(server, "/health", timeout, ok=(200,))
     return server
-
-
-# ---------------------------------------------------------------------------------------------------------
-# pytest fixtures
-
-
-# Each test module imports these fixtures, which makes each module's copy a separate fixture to pytest;
-# the servers are shared through this process-wide registry instead, started once and stopped by the
-# last session-scoped user.
-_SHARED: dict[str, list] = {}
-
-
-def _acquire(key: str, start):
-    if key not in _SHARED:
-        _SHARED[key] = [start(), 0]
-    _SHARED[key][1] += 1
-    return _SHARED[key][0]
-
-
-def _release(key: str) -> None:
-    entry = _SHARED[key]
-    entry[1] -= 1
-    if entry[1] == 0:
-        entry[0].stop()
-        del _SHARED[key]
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A SeaweedFS S3 server for the test session (its env: S3_ENDPOINT_URL and credentials)."""
-    yield _acquire("s3", lambda: start_seaweedfs(tmp_path_factory.mktemp("seaweedfs") / "data"))
-    _release("s3")
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory, s3_server):
-    """An MLflow tracking server (SQLite) whose artifacts live on `s3_server`."""
-    yield _acquire("mlflow", lambda: start_mlflow(tmp_path_factory.mktemp("mlflow"), s3_server))
-    _release("mlflow")
-
-
-@pytest.fixture
-def stack_env(s3_server, mlflow_server, monkeypatch):
-    """Both servers, with this process's environment pointing at them (as a step's pod would see it)."""
-    env = {
-        **s3_server.env,
-        **mlflow_server.env,
-        "LORA_PIPELINE_S3_ATTEMPTS": "6",
-        # fail fast in tests instead of MLflow's two-minute default retry budget
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
