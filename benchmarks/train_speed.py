@@ -6,7 +6,7 @@ In one process, with the same model shape, resolution, batch, rank and precision
       eager;
   (b) full: a full fine-tune step (the DreamBooth baseline): every UNet weight trains, fp32 master
       weights, autocast, AdamW, eager;
-  (c) the project's trainer (`lora_ops.train.train_pti`, its defaults) through its real code path, both
+  (c) the project's trainer (`lora_ops.training.train_pti`, its defaults) through its real code path, both
       phases: inversion (token rows, gradients through the text encoder) and tuning (LoRA).
 Warm-up steps (compilation included) are timed apart from the steady steps; the step time is the median.
 Peak memory is torch.cuda.max_memory_allocated on CUDA ("n/a" on CPU, where the process RSS is not a
@@ -37,7 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_ops.tiny import make_tiny_model  # noqa: E402
-from lora_ops.train_loop import resolve_compile  # noqa: E402
+from lora_ops.training.compile import resolve_compile  # noqa: E402
 
 REFERENCE_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -166,7 +166,7 @@ def baseline_loop(kind: str, args, model_dir: Path, device: torch.device) -> dic
 
 
 def pti_config(args, model_dir: Path, data: Path, out: Path, **overrides):
-    from lora_ops.train_config import PTIConfig
+    from lora_ops.training.config import PTIConfig
 
     values = dict(
         pretrained_model_name_or_path=str(model_dir),
@@ -190,7 +190,7 @@ def pti_config(args, model_dir: Path, data: Path, out: Path, **overrides):
 
 def project_trainer(args, model_dir: Path, data: Path, work: Path, device: torch.device) -> list[dict]:
     """(c): train_pti with both phases; step times from the callback (called after every optimizer step)."""
-    from lora_ops.train import train_pti
+    from lora_ops.training.pti import train_pti
 
     steps = args.warmup + args.repeats
     stamps: dict[str, list[float]] = {"inversion": [], "tuning": []}
@@ -224,7 +224,7 @@ def project_trainer(args, model_dir: Path, data: Path, work: Path, device: torch
 def pti_e2e(args, model_dir: Path, data: Path, work: Path, device: torch.device) -> dict:
     """Wall time of a PTI run with the original project's recommended settings, phase by phase."""
     from lora_ops.models import load_pipeline
-    from lora_ops.train import train_pti
+    from lora_ops.training.pti import train_pti
 
     t0 = time.perf_counter()
     load_pipeline(str(model_dir), device="cpu")

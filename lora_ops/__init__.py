@@ -16,7 +16,7 @@ _EXPORTS = {
     "export_diffusers": "diffusers_export",
     "DistillConfig": "distill",
     "distill": "distill",
-    "train_dreambooth": "dreambooth",
+    "train_dreambooth": "training",
     "EvaluateConfig": "evaluate",
     "EvaluationResult": "evaluate",
     "evaluate_loras": "evaluate",
@@ -70,12 +70,12 @@ _EXPORTS = {
     "init_token_embeddings": "tokens",
     "parse_tokens": "tokens",
     "read_token_embeddings": "tokens",
-    "run_inversion": "train",
-    "run_tuning": "train",
-    "train_pti": "train",
-    "DreamBoothConfig": "train_config",
-    "PTIConfig": "train_config",
-    "TrainResult": "train_loop",
+    "run_inversion": "training",
+    "run_tuning": "training",
+    "train_pti": "training",
+    "DreamBoothConfig": "training",
+    "PTIConfig": "training",
+    "TrainResult": "training",
 }
 
 

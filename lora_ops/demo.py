@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     print("2/4 injecting LoRA (UNet + text encoder) and learned tokens <s1> <s2>")
     pipe = load_pipeline(model_dir)
     torch.manual_seed(args.seed)
-    inject_lora(pipe.unet, LoraConfig(targets="unet", r=4, init="random"))
-    inject_lora(pipe.text_encoder, LoraConfig(targets="text_encoder", r=4, init="random"))
+    inject_lora(pipe.unet, LoraConfig(target_modules="unet", r=4, init="random"))
+    inject_lora(pipe.text_encoder, LoraConfig(target_modules="text_encoder", r=4, init="random"))
     tokens = ["<s1>", "<s2>"]
     add_tokens(pipe.tokenizer, pipe.text_encoder, tokens)
     init_token_embeddings(pipe.tokenizer, pipe.text_encoder, tokens, initializer=None)

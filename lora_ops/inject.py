@@ -30,23 +30,23 @@ class LoraConfig:
     """How to add LoRA to one model.
 
     Args:
-        targets: a preset ("unet", "unet-extended", "text_encoder") or a list of module names/regexes.
+        target_modules: a preset ("unet", "unet-extended", "text_encoder") or a list of module names/regexes.
         r: rank.
         lora_alpha: scale numerator (ΔW = alpha / r · B A); None means alpha = r (scale 1, as the
             original lora_diffusion project).
         rank_pattern: per-module rank overrides, {module name or regex: r}.
         alpha_pattern: per-module alpha overrides.
-        dropout: dropout on the LoRA branch input.
+        lora_dropout: dropout on the LoRA branch input.
         init: "gaussian" (A ~ N(0, 1/r), as lora_diffusion), "kaiming" (peft default) or "random"
             (B non-zero too: the adapter changes the output from the start; for tests).
     """
 
-    targets: str | Sequence[str] = "unet"
+    target_modules: str | Sequence[str] = "unet"
     r: int = 4
     lora_alpha: float | None = None
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
-    dropout: float = 0.0
+    lora_dropout: float = 0.0
     init: Init = "gaussian"
 
     def __post_init__(self):
@@ -54,8 +54,8 @@ class LoraConfig:
             raise ValueError(f"r={self.r!r} must be a positive integer")
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive finite number")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if self.init not in _PEFT_INIT:
             raise ValueError(f"init={self.init!r} is not one of {sorted(_PEFT_INIT)}")
         for key, value in self.rank_pattern.items():
@@ -76,9 +76,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
 
     Raises ValueError if a target matches nothing or a rank exceeds min(in, out) of its layer.
     """
-    names = resolve_targets(model, config.targets)
+    names = resolve_targets(model, config.target_modules)
     if not names:
-        raise ValueError(f"targets={config.targets!r} matched no module of {type(model).__name__}")
+        raise ValueError(f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}")
     alpha = config.lora_alpha if config.lora_alpha is not None else config.r
     ranks, alphas = {}, {}
     for name in names:
@@ -98,7 +98,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         # anchored, escaped full names: peft matches pattern keys as `(.*\.)?(key)$`
         rank_pattern={f"^{re.escape(n)}$": r for n, r in ranks.items()},
         alpha_pattern={f"^{re.escape(n)}$": a for n, a in alphas.items()},
-        lora_dropout=config.dropout,
+        lora_dropout=config.lora_dropout,
         init_lora_weights=_PEFT_INIT[config.init],
     )
     was_training = model.training
@@ -184,7 +184,7 @@ def load_adapter(
         return
     live = {live_name(model, n): m for n, m in modules.items()}
     config = LoraConfig(
-        targets=list(live),
+        target_modules=list(live),
         r=max(m.r for m in live.values()),
         rank_pattern={n: m.r for n, m in live.items()},
         init="kaiming",

@@ -42,8 +42,8 @@ def build_parser():
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    from lora_ops.train import run_inversion
-    from lora_ops.train_config import PTIConfig
+    from lora_ops.training.config import PTIConfig
+    from lora_ops.training.pti import run_inversion
 
     args = common.parse(build_parser(), argv, inputs=("--dataset", "--base-model"))
     params = {

@@ -11,7 +11,6 @@ complete one and resumes from it.
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import tempfile
@@ -26,8 +25,6 @@ from .tracking import start_step
 STEP = "tune"
 LORA_FILE = "lora.safetensors"
 CHECKPOINTS = "checkpoints"
-_CKPT = re.compile(r"^(inversion|tuning|dreambooth)-(\d{6})$")
-_PHASE_ORDER = {"inversion": 0, "tuning": 1, "dreambooth": 2}
 
 
 def build_parser():
@@ -50,13 +47,15 @@ def build_parser():
 
 def remote_checkpoints(out: str, store: Store) -> list[str]:
     """Names of the complete (manifest written) checkpoints under `<out>/checkpoints/`, oldest first."""
+    from lora_ops.training.checkpoints import checkpoint_order
+
     root = parse_uri(out, "--out").as_prefix().join(CHECKPOINTS)
     names = set()
     for rel, _ in store.list(root):
         parts = rel.split("/")
-        if len(parts) == 2 and parts[1] == MANIFEST and _CKPT.match(parts[0]):
+        if len(parts) == 2 and parts[1] == MANIFEST and checkpoint_order(parts[0]):
             names.add(parts[0])
-    return sorted(names, key=lambda n: (_PHASE_ORDER[n.split("-")[0]], int(n.split("-")[1])))
+    return sorted(names, key=checkpoint_order)
 
 
 class CheckpointUploader:
@@ -67,7 +66,7 @@ class CheckpointUploader:
         self.uploaded = set(already)
 
     def sync(self) -> list[str]:
-        from lora_ops.train_checkpoint import list_checkpoints
+        from lora_ops.training.checkpoints import list_checkpoints
 
         new = []
         for folder in list_checkpoints(self.train_dir):
@@ -84,8 +83,8 @@ class CheckpointUploader:
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     from lora_ops import load_lora
-    from lora_ops.train import run_tuning
-    from lora_ops.train_config import PTIConfig
+    from lora_ops.training.config import PTIConfig
+    from lora_ops.training.pti import run_tuning
 
     args = common.parse(build_parser(), argv, inputs=("--dataset", "--tokens", "--base-model"))
     if args.save_steps < 1:

@@ -81,7 +81,7 @@ def test_train_options_help_comes_from_the_fields_with_defaults():
 
     from lora_ops.cli import build_parser
     from lora_ops.commands.train import show_default
-    from lora_ops.train_config import DreamBoothConfig, PTIConfig, help_text
+    from lora_ops.training.config import DreamBoothConfig, PTIConfig, help_text
 
     parser = build_parser()
     for cls, trainer in ((PTIConfig, "pti"), (DreamBoothConfig, "dreambooth")):

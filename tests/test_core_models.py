@@ -60,7 +60,7 @@ def test_explicit_targets_patterns_and_per_module_rank(tiny_model):
     pipe = load_pipeline(tiny_model)
     params = inject_lora(
         pipe.unet,
-        LoraConfig(targets=["to_q", r".*attn2\.to_v"], r=4, rank_pattern={"attn2.to_v": 2}, lora_alpha=8),
+        LoraConfig(target_modules=["to_q", r".*attn2\.to_v"], r=4, rank_pattern={"attn2.to_v": 2}, lora_alpha=8),
     )
     layers = {n: m for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A")}
     assert layers and all(n.endswith(("to_q", "attn2.to_v")) for n in layers)
@@ -75,10 +75,10 @@ def test_explicit_targets_patterns_and_per_module_rank(tiny_model):
 def test_rank_larger_than_the_layer_is_refused(tiny_model):
     pipe = load_pipeline(tiny_model)
     with pytest.raises(ValueError, match=r"rank 64 .* exceeds min\(in, out\)"):
-        inject_lora(pipe.text_encoder, LoraConfig(targets="text_encoder", r=64))
+        inject_lora(pipe.text_encoder, LoraConfig(target_modules="text_encoder", r=64))
 
 
-@pytest.mark.parametrize("kwargs", [{"r": 0}, {"lora_alpha": float("nan")}, {"dropout": 1.5}, {"init": "zeros"}])
+@pytest.mark.parametrize("kwargs", [{"r": 0}, {"lora_alpha": float("nan")}, {"lora_dropout": 1.5}, {"init": "zeros"}])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         LoraConfig(**kwargs)
@@ -146,7 +146,7 @@ def test_generate_cli_with_a_lora(tiny_model, tmp_path):
     from lora_ops import LoraFile, extract_lora, save_lora
 
     pipe = load_pipeline(tiny_model)
-    inject_lora(pipe.unet, LoraConfig(targets="unet", r=2, init="random"))
+    inject_lora(pipe.unet, LoraConfig(target_modules="unet", r=2, init="random"))
     lora = save_lora(tmp_path / "l.safetensors", LoraFile(unet=extract_lora(pipe.unet, "unet")))
     out = tmp_path / "gen"
     cmd = [

@@ -39,10 +39,10 @@ def _trained_lora(model_dir, seed, unet="unet", text=True, tokens=True, r=4) -> 
     """A LoRA with non-zero weights (random init of both factors), as if trained."""
     pipe = load_pipeline(model_dir)
     torch.manual_seed(seed)
-    inject_lora(pipe.unet, LoraConfig(targets=unet, r=r, lora_alpha=2 * r, init="random"))
+    inject_lora(pipe.unet, LoraConfig(target_modules=unet, r=r, lora_alpha=2 * r, init="random"))
     lora = LoraFile(unet=extract_lora(pipe.unet, "unet"), metadata={"base_model": str(model_dir)})
     if text:
-        inject_lora(pipe.text_encoder, LoraConfig(targets="text_encoder", r=2, init="random"))
+        inject_lora(pipe.text_encoder, LoraConfig(target_modules="text_encoder", r=2, init="random"))
         lora.text_encoder = extract_lora(pipe.text_encoder, "text_encoder")
     if tokens:
         names = ["<s1>", "<s2>"]
@@ -93,7 +93,7 @@ def test_parity_with_diffusers_loaders(tiny_model, tmp_path, text, tokens):
 def test_extended_conv_lora_round_trips_exactly(tiny_model, tmp_path):
     pipe = load_pipeline(tiny_model)
     torch.manual_seed(3)
-    inject_lora(pipe.unet, LoraConfig(targets="unet-extended", r=4, init="random"))
+    inject_lora(pipe.unet, LoraConfig(target_modules="unet-extended", r=4, init="random"))
     lora = LoraFile(unet=extract_lora(pipe.unet, "unet"))
     assert any(m.is_conv for m in lora.unet.values())
     reloaded = load_pipeline(tiny_model)

@@ -32,8 +32,8 @@ def setup(tiny_model, tmp_path_factory):
     torch.manual_seed(0)
     loras = []
     for r in (1, 2):
-        inject_lora(pipe.unet, LoraConfig(targets="unet", r=r, init="random"), f"r{r}")
-        inject_lora(pipe.text_encoder, LoraConfig(targets="text_encoder", r=r, init="random"), f"r{r}")
+        inject_lora(pipe.unet, LoraConfig(target_modules="unet", r=r, init="random"), f"r{r}")
+        inject_lora(pipe.text_encoder, LoraConfig(target_modules="text_encoder", r=r, init="random"), f"r{r}")
         lora = LoraFile(
             unet=extract_lora(pipe.unet, "unet", f"r{r}"),
             text_encoder=extract_lora(pipe.text_encoder, "text_encoder", f"r{r}"),

@@ -17,7 +17,7 @@ def make_lora(base_model, path, seed: int = 0):
 
     torch.manual_seed(seed)
     pipe = load_pipeline(base_model)
-    params = inject_lora(pipe.unet, LoraConfig(targets="unet", r=2))
+    params = inject_lora(pipe.unet, LoraConfig(target_modules="unet", r=2))
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.5)

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from lora_ops.dataset import BatchSampler, DatasetConfig, ImageDataset
-from lora_ops.dreambooth import train_dreambooth
 from lora_ops.lora_file import load_lora
-from lora_ops.train_config import DreamBoothConfig
-from lora_ops.train_loop import Source, build_batch, load_trainee
+from lora_ops.training.batches import Source, build_batch
+from lora_ops.training.config import DreamBoothConfig
+from lora_ops.training.dreambooth import train_dreambooth
+from lora_ops.training.trainee import load_trainee
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -19,16 +19,20 @@ from lora_ops.lora_file import load_lora
 from lora_ops.losses import min_snr_weights, prediction_target
 from lora_ops.models import load_pipeline
 from lora_ops.runtime import patch_pipeline
-from lora_ops.train import (
+from lora_ops.training.batches import Source
+from lora_ops.training.config import PTIConfig
+from lora_ops.training.loop import run_phase
+from lora_ops.training.lora import current_lora
+from lora_ops.training.objective import measure_loss
+from lora_ops.training.pti import (
     _init_tokens,
     inversion_phase,
     run_inversion,
     run_tuning,
     train_pti,
-    unwrap_token_embedding,
 )
-from lora_ops.train_config import PTIConfig
-from lora_ops.train_loop import Source, current_lora, load_trainee, measure_loss, run_phase
+from lora_ops.training.token_rows import unwrap_token_embedding
+from lora_ops.training.trainee import load_trainee
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -372,7 +376,7 @@ def test_mixed_precision_on_cuda(tiny_model, tmp_path, precision):
 
 def test_token_norm_prior_targets_the_vocabulary_norm_by_default(tiny_model, tmp_path):
     """clip_ti_decay with ti_target_norm=None pulls the new rows to the base vocabulary's mean norm."""
-    from lora_ops.train_loop import vocabulary_norm
+    from lora_ops.training.loop import vocabulary_norm
 
     weight = torch.tensor([[3.0, 4.0], [0.0, 1.0], [100.0, 0.0]])
     assert vocabulary_norm(weight, torch.tensor([2])) == pytest.approx(3.0)  # (5 + 1) / 2, row 2 excluded

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from lora_ops.lora_file import read_safetensors
-from lora_ops.train import train_pti
-from lora_ops.train_checkpoint import list_checkpoints, load_checkpoint, resolve_resume
-from lora_ops.train_config import PTIConfig
+from lora_ops.training.checkpoints import list_checkpoints, load_checkpoint, resolve_resume
+from lora_ops.training.config import PTIConfig
+from lora_ops.training.pti import train_pti
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

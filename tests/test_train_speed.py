@@ -24,16 +24,13 @@ from lora_ops.inject import LoraConfig, inject_lora
 from lora_ops.lora_file import read_safetensors
 from lora_ops.models import load_pipeline
 from lora_ops.tiny import build_models
-from lora_ops.train import train_pti
-from lora_ops.train_config import PTIConfig
-from lora_ops.train_loop import (
-    Trainee,
-    cast_frozen_weights,
-    inject_trainable_lora,
-    join_batches,
-    resolve_accumulation,
-    resolve_compile,
-)
+from lora_ops.training.batches import join_batches
+from lora_ops.training.compile import resolve_compile
+from lora_ops.training.config import PTIConfig
+from lora_ops.training.loop import resolve_accumulation
+from lora_ops.training.lora import inject_trainable_lora
+from lora_ops.training.pti import train_pti
+from lora_ops.training.trainee import Trainee, cast_frozen_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +115,7 @@ def test_cast_frozen_weights_gives_the_autocast_result():
     torch.manual_seed(0)
     unet, _ = build_models("tiny")
     unet.requires_grad_(False)
-    inject_lora(unet, LoraConfig(targets="unet", r=4))
+    inject_lora(unet, LoraConfig(target_modules="unet", r=4))
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
@@ -228,7 +225,7 @@ def test_cuda_graphs_match_eager_on_cuda(tiny_model, tmp_path):
 
 def test_checkpoint_from_before_the_speed_options_resumes(tiny_model, tmp_path):
     """A checkpoint whose config lacks the speed options resumes while they have their defaults."""
-    from lora_ops.train_checkpoint import list_checkpoints
+    from lora_ops.training.checkpoints import list_checkpoints
 
     data = make_images(tmp_path / "data", n=2)
     kw = dict(perform_inversion=False, max_train_steps_tuning=2, save_steps=1)

@@ -13,7 +13,7 @@ import json
 import types
 import typing
 
-from ..train_config import ALIASES, DreamBoothConfig, PTIConfig, TrainConfig, help_text, load_config_file
+from ..training.config import ALIASES, DreamBoothConfig, PTIConfig, TrainConfig, help_text, load_config_file
 from . import examples, resolve_device
 
 _TRUE = {"1", "true", "yes", "on", "y"}
@@ -180,7 +180,7 @@ def _compat_notes(args) -> None:
 
 
 def run_pti(args) -> int:
-    from ..train import run_tuning, train_pti
+    from ..training.pti import run_tuning, train_pti
 
     _compat_notes(args)
 
@@ -192,7 +192,7 @@ def run_pti(args) -> int:
 
 
 def run_dreambooth(args) -> int:
-    from ..dreambooth import train_dreambooth
+    from ..training.dreambooth import train_dreambooth
 
     _compat_notes(args)
     config = build_config(DreamBoothConfig, args)

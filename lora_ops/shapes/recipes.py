@@ -81,9 +81,9 @@ def train_recipe(
     config: RecipeConfig | None = None,
 ) -> Path:
     """Train `recipe` on the concept's instance images in `data_dir`; returns the LoRA file."""
-    from ..dreambooth import train_dreambooth
-    from ..train import train_pti
-    from ..train_config import DreamBoothConfig, PTIConfig
+    from ..training.config import DreamBoothConfig, PTIConfig
+    from ..training.dreambooth import train_dreambooth
+    from ..training.pti import train_pti
 
     cfg = config or RecipeConfig()
     if recipe not in RECIPES:

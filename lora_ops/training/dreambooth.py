@@ -13,23 +13,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .dataset import DatasetConfig, ImageDataset
-from .image_files import list_images
-from .lora_file import save_lora
-from .train_checkpoint import load_checkpoint, resolve_resume
-from .train_config import DreamBoothConfig
-from .train_loop import (
-    Callback,
-    Phase,
-    Source,
-    Trainee,
-    TrainResult,
-    current_lora,
-    inject_trainable_lora,
-    load_trainee,
-    lora_metadata,
-    run_phase,
-)
+from ..dataset import DatasetConfig, ImageDataset
+from ..image_files import list_images
+from ..lora_file import save_lora
+from .batches import Source
+from .checkpoints import load_checkpoint, resolve_resume
+from .config import DreamBoothConfig
+from .loop import Callback, Phase, TrainResult, run_phase
+from .lora import current_lora, inject_trainable_lora, lora_metadata
+from .trainee import Trainee, load_trainee
 
 
 @torch.no_grad()

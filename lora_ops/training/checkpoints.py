@@ -20,10 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .lora_file import LoraFile, save_lora
+from ..lora_file import LoraFile, save_lora
 
 PHASES = ("inversion", "tuning", "dreambooth")
 _NAME = re.compile(r"^(inversion|tuning|dreambooth)-(\d{6})$")
+
+
+def checkpoint_order(name: str) -> tuple[int, int] | None:
+    """(phase index, step) of a checkpoint folder name `<phase>-<step:06d>`, which sorts checkpoints in training
+    order; None for any other name."""
+    m = _NAME.match(name)
+    return (PHASES.index(m.group(1)), int(m.group(2))) if m else None
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -82,10 +89,10 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = []
     for path in root.iterdir():
-        m = _NAME.match(path.name)
-        if m and path.is_dir() and (path / "state.pt").is_file() and (path / "lora.safetensors").is_file():
-            found.append((PHASES.index(m.group(1)), int(m.group(2)), path))
-    return [p for _, _, p in sorted(found)]
+        order = checkpoint_order(path.name)
+        if order and path.is_dir() and (path / "state.pt").is_file() and (path / "lora.safetensors").is_file():
+            found.append((order, path))
+    return [p for _, p in sorted(found)]
 
 
 def resolve_resume(resume: str | Path | None, output_dir: str | Path) -> Path | None:
@@ -96,7 +103,7 @@ def resolve_resume(resume: str | Path | None, output_dir: str | Path) -> Path | 
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path.is_dir() and (path / "state.pt").is_file() and _NAME.match(path.name)):
+    if not (path.is_dir() and (path / "state.pt").is_file() and checkpoint_order(path.name)):
         raise ValueError(f"resume={str(resume)!r} is not a complete checkpoint folder (<phase>-<step>/state.pt)")
     return path
 

@@ -3,7 +3,7 @@
 Phase 1 ("inversion") trains only the rows of the new placeholder tokens in the text encoder's embedding
 table; phase 2 ("tuning") trains LoRA on the UNet (and optionally the text encoder), optionally still
 training the tokens (`continue_inversion`). `train_pti` runs both as configured, `run_inversion` and
-`run_tuning` one each. The loop itself is `lora_ops.train_loop.run_phase`, shared with DreamBooth.
+`run_tuning` one each. The loop itself is `lora_ops.training.loop.run_phase`, shared with DreamBooth.
 """
 
 from __future__ import annotations
@@ -12,91 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .dataset import DatasetConfig, ImageDataset
-from .lora_file import load_lora, save_lora
-from .tokens import add_tokens, apply_token_embeddings, init_token_embeddings, parse_tokens
-from .train_checkpoint import (
-    load_checkpoint,
-    resolve_resume,
-)
-from .train_config import PTIConfig
-from .train_loop import (
-    Callback,
-    Phase,
-    Source,
-    Trainee,
-    TrainResult,
-    current_lora,
-    inject_trainable_lora,
-    load_trainee,
-    lora_metadata,
-    run_phase,
-)
-
-
-class TokenEmbedding(nn.Module):
-    """The text encoder's token embedding with trainable rows for a few new tokens.
-
-    Every other row is read from the frozen base table, so training changes nothing else by construction.
-    `rows` is (n_tokens, dim) float32.
-    """
-
-    def __init__(self, base: nn.Embedding, token_ids: Sequence[int]):
-        super().__init__()
-        self.base = base
-        ids = torch.tensor(list(token_ids), dtype=torch.long, device=base.weight.device)
-        self.register_buffer("ids", ids, persistent=False)
-        lookup = torch.full((base.num_embeddings,), -1, dtype=torch.long, device=ids.device)
-        lookup[ids] = torch.arange(len(ids), device=ids.device)
-        self.register_buffer("lookup", lookup, persistent=False)
-        self.rows = nn.Parameter(base.weight.detach()[ids].float().clone())
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.base.num_embeddings
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(input_ids)  # (b, L, dim)
-        slot = self.lookup[input_ids]  # (b, L), -1 for ordinary tokens
-        rows = self.rows[slot.clamp(min=0)].to(out.dtype)
-        return torch.where((slot >= 0).unsqueeze(-1), rows, out)
-
-    @torch.no_grad()
-    def write_back(self) -> None:
-        self.base.weight[self.ids] = self.rows.to(self.base.weight.dtype)
-
-
-def _embedding_parent(text_encoder: nn.Module) -> tuple[nn.Module, str]:
-    current = text_encoder.get_input_embeddings()
-    for module in text_encoder.modules():
-        for attr, child in module.named_children():
-            if child is current:
-                return module, attr
-    raise ValueError("could not find the text encoder's token embedding module")
-
-
-def wrap_token_embedding(text_encoder: nn.Module, token_ids: Sequence[int]) -> TokenEmbedding:
-    parent, attr = _embedding_parent(text_encoder)
-    wrapper = TokenEmbedding(getattr(parent, attr), token_ids)
-    setattr(parent, attr, wrapper)
-    return wrapper
-
-
-def unwrap_token_embedding(text_encoder: nn.Module) -> None:
-    parent, attr = _embedding_parent(text_encoder)
-    wrapper = getattr(parent, attr)
-    if isinstance(wrapper, TokenEmbedding):
-        wrapper.write_back()
-        setattr(parent, attr, wrapper.base)
-
-
-# ---- pivotal tuning ---------------------------------------------------------------------------------------
+from ..dataset import DatasetConfig, ImageDataset
+from ..lora_file import load_lora, save_lora
+from ..tokens import add_tokens, apply_token_embeddings, init_token_embeddings, parse_tokens
+from .batches import Source
+from .checkpoints import load_checkpoint, resolve_resume
+from .config import PTIConfig
+from .loop import Callback, Phase, TrainResult, run_phase
+from .lora import current_lora, inject_trainable_lora, lora_metadata
+from .token_rows import TokenEmbedding, unwrap_token_embedding, wrap_token_embedding
+from .trainee import Trainee, load_trainee
 
 
 def _init_tokens(trainee: Trainee, tokens: list[str], initializer: str | None, seed: int) -> list[int]:

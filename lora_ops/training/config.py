@@ -30,6 +30,25 @@ def option(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def runtime(default, help: str):
+    """An option of how a run executes or where its files are, not of what it computes: it may differ between a
+    run and its resumption (a retried pipeline step downloads the same model and images to a new folder)."""
+    return dataclasses.field(default=default, metadata={"help": help, "runtime": True})
+
+
+def resumable_config(config) -> dict[str, Any]:
+    """The options a checkpoint records and a resumption must repeat: every field but the runtime ones."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if not f.metadata.get("runtime")}
+
+
+def resume_changes(saved: Mapping[str, Any], config) -> list[str]:
+    """The options that differ between a checkpoint's `resumable_config` and `config`, sorted; an option added
+    after the checkpoint was written counts as unchanged while it has its default."""
+    now = resumable_config(config)
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    return sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
+
+
 def help_text(f: dataclasses.Field) -> str:
     return f.metadata.get("help", "")
 
@@ -69,14 +88,14 @@ def _check_bool(name: str, value) -> None:
 class TrainConfig:
     """Options shared by every trainer (each field's help is in its metadata: `--help`, docs/training.md)."""
 
-    pretrained_model_name_or_path: str = option("", "base model: a diffusers folder or hub id (required)")
-    instance_data_dir: str = option(
+    pretrained_model_name_or_path: str = runtime("", "base model: a diffusers folder or hub id (required)")
+    instance_data_dir: str = runtime(
         "", "folder of training images, with captions `name.txt` and masks `name.mask.png` (required)"
     )
-    output_dir: str = option("", "where the output file and `checkpoints/` go (required)")
-    pretrained_vae_name_or_path: str | None = option(None, "another VAE: a folder with the VAE's files")
+    output_dir: str = runtime("", "where the output file and `checkpoints/` go (required)")
+    pretrained_vae_name_or_path: str | None = runtime(None, "another VAE: a folder with the VAE's files")
     revision: str | None = option(None, "hub revision of the base model")
-    out_name: str = option("final_lora", "output file name without extension: `<output_dir>/<out_name>.safetensors`")
+    out_name: str = runtime("final_lora", "output file name without extension: `<output_dir>/<out_name>.safetensors`")
     seed: int = option(42, "seed of every random choice: data order, augmentation, noise, timesteps, LoRA init")
     resolution: int = option(512, "training resolution in pixels (a multiple of the VAE's downsampling factor)")
     crop: Literal["center", "random"] = option("center", "crop after resizing the shorter side to `resolution`")
@@ -103,7 +122,7 @@ class TrainConfig:
         "constant", "learning-rate schedule of the first phase (inversion; DreamBooth's only phase)"
     )
     lr_warmup_steps: int = option(0, "warm-up steps of `lr_scheduler`")
-    save_steps: int = option(500, "write a checkpoint every this many optimizer steps (and at the end of each phase)")
+    save_steps: int = runtime(500, "write a checkpoint every this many optimizer steps (and at the end of each phase)")
     lora_rank: int = option(4, "rank r of the LoRA adapters")
     lora_alpha: float | None = option(None, "LoRA alpha: the adapters' scale is alpha / r; none = r (scale 1)")
     lora_dropout_p: float = option(0.0, "dropout probability on the LoRA path")
@@ -120,17 +139,17 @@ class TrainConfig:
     min_snr_gamma: float | None = option(None, "min-SNR-γ loss weighting (e.g. 5.0); none = plain MSE")
     noise_offset: float = option(0.0, "offset-noise strength (e.g. 0.05); 0 = off")
     max_grad_norm: float | None = option(1.0, "gradient clipping norm; none = off")
-    device: str = option("auto", "`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`")
-    resume: str | None = option(
+    device: str = runtime("auto", "`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`")
+    resume: str | None = runtime(
         None, "`auto` (the latest complete checkpoint in output_dir, if any) or a checkpoint folder; none = fresh"
     )
-    save_dtype: Literal["fp32", "fp16", "bf16"] = option("fp32", "precision of the output file")
-    eval_noises: int = option(
+    save_dtype: Literal["fp32", "fp16", "bf16"] = runtime("fp32", "precision of the output file")
+    eval_noises: int = runtime(
         2,
         "measure the loss on every training image with this many fixed (noise, timestep) pairs before and "
         "after each phase (metrics `<phase>/eval_loss_before|after`); 0 = off",
     )
-    progress: bool = option(True, "show a progress bar")
+    progress: bool = runtime(True, "show a progress bar")
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune", "trace"] = option(
         "auto",
         "`torch.compile` the UNet: `auto` (`reduce-overhead`, i.e. CUDA graphs, on CUDA; `none` elsewhere), "
@@ -270,7 +289,7 @@ class PTIConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from .tokens import parse_tokens
+        from ..tokens import parse_tokens
 
         parse_tokens(self.placeholder_tokens)
         if self.initializer_tokens is not None:
@@ -310,7 +329,7 @@ class DreamBoothConfig(TrainConfig):
     )
     with_prior_preservation: bool = option(False, "add the class images' loss, weighted by prior_loss_weight")
     prior_loss_weight: float = option(1.0, "weight of the class (prior) loss")
-    class_data_dir: str | None = option(
+    class_data_dir: str | None = runtime(
         None,
         "folder of class images; missing ones (up to num_class_images) are generated with the base model and "
         "written there",
