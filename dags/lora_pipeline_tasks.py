@@ -38,7 +38,7 @@ from airflow.sdk import BaseOperator
 
 EXECUTORS = ("local", "docker", "kubernetes")
 GPU_POOL = "lora_gpu"  # caps how many GPU steps run at once (slots = GPUs); created by the deployment
-STEPS = ("preprocess", "invert", "tune", "distill", "evaluate", "register", "finish")
+STEPS = ("scan", "preprocess", "invert", "tune", "distill", "evaluate", "register", "finish")
 CACHE_MOUNT = "/var/cache/lora-pipeline"
 # passed from the worker's environment to local/docker steps at run time, never stored in the DAG
 CREDENTIAL_VARS = (

@@ -19,7 +19,8 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import DAG, Param, task
 
 sys.path.insert(0, str(Path(__file__).parent))  # the DAG folder's own modules, wherever it is mounted
-from lora_datasets import DATASETS, SUBJECT_PATTERN, finetune_confs, subject_run_params, subjects_to_train  # noqa: E402
+from lora_datasets import DATASETS, SUBJECT_PATTERN, scan_arguments, subject_run_params  # noqa: E402
+from lora_pipeline_tasks import ExecutorConfig, step_task  # noqa: E402
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=1)}
 
@@ -68,16 +69,22 @@ with DAG(
 ):
 
     @task
-    def changed(params=None, triggering_asset_events=None) -> list[dict[str, Any]]:
-        """The lora_finetune conf of every named subject whose dataset differs from its champion's."""
+    def scan_flags(params=None, triggering_asset_events=None) -> list[str]:
+        """The scan step's flags: the subjects named by the events (every subject when one names none)."""
         events = [e for evs in (triggering_asset_events or {}).values() for e in evs]
         named = {e.extra["subject"] for e in events if (e.extra or {}).get("subject")}
-        only = named if named and all((e.extra or {}).get("subject") for e in events) else None
-        print(f"{len(events)} dataset event(s); checking {sorted(named) if only else 'every subject'}")
-        subjects, uris = subjects_to_train(DATASETS.uri, params["model_prefix"], only=only)
-        return finetune_confs(subjects, uris, params["model_prefix"], dict(params["finetune_conf"] or {}))
+        only = sorted(named) if named and all((e.extra or {}).get("subject") for e in events) else None
+        print(f"{len(events)} dataset event(s); checking {only or 'every subject'}")
+        return scan_arguments(DATASETS.uri, params["model_prefix"], params["finetune_conf"], only)
 
-    confs = changed()
+    scan = step_task("scan", scan_flags(), config=ExecutorConfig.from_env())
+
+    @task
+    def finetune_confs(result: dict[str, Any]) -> list[dict[str, Any]]:
+        """The lora_finetune conf of every named subject whose dataset differs from its champion's."""
+        return result["confs"]
+
+    confs = finetune_confs(scan.output)
     finetune = TriggerDagRunOperator.partial(
         task_id="finetune",
         trigger_dag_id="lora_finetune",
@@ -85,6 +92,7 @@ with DAG(
         poke_interval=10,  # one metadata query per poke: cheap, and a finished run is seen soon
         max_active_tis_per_dagrun=2,
         map_index_template="{{ task.conf.model_name }}",
+        retries=0,  # a retry would trigger a second fine-tune of the subject
     ).expand(conf=confs)
 
     confs >> finetune

@@ -404,8 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"4/4 results [{time.monotonic() - t0:.0f}s]", flush=True)
     mv, champion = registered_version(args.model_name, run_id, stack_env["MLFLOW_TRACKING_URI"])
     alias = "champion" if champion.version == mv.version else ", ".join(mv.aliases) or "challenger"
-    lora_uri = mv.tags.get("lora_uri", "")
-    run_uri = lora_uri[: lora_uri.index("/distill/") + 1] if "/distill/" in lora_uri else ""
+    run_uri = mv.tags.get("run_prefix", "")  # register's lineage tag: where the run's outputs lie
     files = fetch_evaluation(run_uri, out / "evaluation") if run_uri else []
     grids = [f for f in files if f.suffix == ".png"]
     table = out / "evaluation" / "comparison.md"

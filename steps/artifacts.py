@@ -30,6 +30,9 @@ from lora_ops.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "lora-pipeline/manifest/v1"
+# the hash of the raw dataset a run started from, carried forward by every manifest of the run (preprocess
+# records its input's hash; each later step copies it from its inputs) and tagged on the registered version
+SOURCE_DATASET = "source_dataset_sha256"
 SHA256_META = "sha256"  # user metadata key every published object carries (x-amz-meta-sha256)
 PUBLISH_ROUNDS = 6  # how often `publish` re-uploads when a concurrent attempt interleaved with it
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest multipart part
@@ -532,7 +535,12 @@ class Fetched:
     manifest: dict[str, Any] | None = None
 
     def lineage(self) -> dict[str, str]:
-        return {"uri": self.uri, "sha256": self.sha256}
+        """What a manifest records of this input: URI and hash, and the raw dataset hash it carries forward."""
+        out = {"uri": self.uri, "sha256": self.sha256}
+        source = (self.manifest or {}).get(SOURCE_DATASET)
+        if source:
+            out[SOURCE_DATASET] = source
+        return out
 
 
 def _inside(dest: Path, rel: str, uri: str) -> Path:
@@ -664,6 +672,25 @@ def _consistent(loc: Location, manifest: dict[str, Any], store: Store) -> bool:
     return all(store.stored_sha256(loc.join(f["path"])) == f["sha256"] for f in manifest["files"])
 
 
+def source_dataset(inputs: dict[str, dict[str, str]]) -> str | None:
+    """The raw dataset hash behind a step's inputs: carried by an input that records one, else the hash of the
+    `dataset` input itself (a raw dataset: the first step of a run)."""
+    for lineage in inputs.values():
+        if lineage.get(SOURCE_DATASET):
+            return lineage[SOURCE_DATASET]
+    return inputs.get("dataset", {}).get("sha256")
+
+
+def run_prefix_of(step_out: str | Path) -> str:
+    """The run prefix a step output lies in: `s3://b/runs/<run>/evaluate/` -> `s3://b/runs/<run>/` (every step
+    of a run publishes to `<run prefix>/<step>[-<variant>]/`, docs/steps.md)."""
+    loc = parse_uri(step_out).as_prefix()
+    if loc.scheme == "s3":
+        parent = loc.key.rstrip("/").rpartition("/")[0]
+        return str(Location("s3", loc.bucket, parent + "/" if parent else ""))
+    return str(Path(loc.key).parent)
+
+
 def publish(
     local_dir: str | Path,
     out: str | Path,
@@ -689,6 +716,7 @@ def publish(
     store = store or Store.for_uri(loc)
     store.ensure_bucket(loc)
     files = describe_files(local_dir)
+    source = source_dataset(inputs)
     manifest = {
         "format": MANIFEST_FORMAT,
         "step": step,
@@ -699,6 +727,7 @@ def publish(
         "parameters": parameters,
         "versions": package_versions(),
         "result": result,
+        **({SOURCE_DATASET: source} if source else {}),
         **(extra or {}),
     }
     data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import common
-from .artifacts import fetch, parse_uri, sha256_file
+from .artifacts import SOURCE_DATASET, fetch, parse_uri, run_prefix_of, sha256_file
 from .tracking import KEY_TAG, quote, run_key, start_step
 
 STEP = "register"
@@ -230,6 +230,8 @@ def _create_version(tracker, client, args, manifest, best, metrics, evaluation_s
         "base_model": inputs.get("base_model", {}).get("uri") or lora.metadata.get("base_model"),
         "base_model_sha256": inputs.get("base_model", {}).get("sha256"),
         "dataset_sha256": inputs.get("dataset", {}).get("sha256"),
+        SOURCE_DATASET: manifest.get(SOURCE_DATASET),
+        "run_prefix": run_prefix_of(args.evaluation),
         "tokens": list(lora.tokens),
         "ranks": ranks,
         "lora_uri": best["lora"],
@@ -252,6 +254,8 @@ def _create_version(tracker, client, args, manifest, best, metrics, evaluation_s
         "pipeline_run_id": args.run_id,
         KEY_TAG: run_key(args.run_id),
         "dataset_sha256": metadata["dataset_sha256"],
+        SOURCE_DATASET: metadata[SOURCE_DATASET],
+        "run_prefix": metadata["run_prefix"],
         "base_model": metadata["base_model"],
         "base_model_sha256": metadata["base_model_sha256"],
         "tokens": ",".join(metadata["tokens"]),

@@ -20,6 +20,7 @@ from steps.artifacts import (
     parse_uri,
     publish,
     read_manifest,
+    run_prefix_of,
     sha256_file,
 )
 from steps.models import resolve_base_model
@@ -88,6 +89,23 @@ def test_publish_then_fetch_verifies_every_file(where, tmp_path, s3_env):
     with pytest.raises(ValueError, match="other inputs or parameters"):
         find_completed(out, "tune", inputs, {"rank": 8})
     assert find_completed(str(tmp_path / "never-written"), "tune", inputs, {}) is None
+
+
+def test_every_manifest_of_a_run_carries_the_raw_dataset_hash(tmp_path):
+    raw = {"uri": "s3://data/datasets/dog/", "sha256": "a" * 64}
+    pre = str(tmp_path / "runs" / "r1" / "preprocess")
+    publish(_folder(tmp_path, "p"), pre, step="preprocess", run_id="r1", inputs={"dataset": raw}, parameters={},
+            result={})  # fmt: skip
+    assert read_manifest(pre)[0]["source_dataset_sha256"] == "a" * 64  # the first step: its input's own hash
+    dataset = fetch(pre, tmp_path / "got", require_manifest=True)
+    assert dataset.sha256 != "a" * 64 and dataset.lineage()["source_dataset_sha256"] == "a" * 64
+    tune = str(tmp_path / "runs" / "r1" / "tune")
+    inputs = {"dataset": dataset.lineage(), "base_model": {"uri": "m", "sha256": "b" * 64}}
+    publish(_folder(tmp_path, "t"), tune, step="tune", run_id="r1", inputs=inputs, parameters={}, result={})
+    assert read_manifest(tune)[0]["source_dataset_sha256"] == "a" * 64  # carried, not the preprocessed hash
+    assert run_prefix_of(tune) == str(tmp_path / "runs" / "r1")
+    assert run_prefix_of("s3://b/runs/r1/evaluate/") == "s3://b/runs/r1/"
+    assert run_prefix_of("s3://b/runs/r1/distill-r4") == "s3://b/runs/r1/"
 
 
 def test_prefix_without_manifest_is_not_trusted(tmp_path, s3_env):

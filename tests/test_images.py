@@ -176,10 +176,9 @@ def test_airflow_image_bakes_the_dags_without_the_ml_stack():
         args for keyword, args in instructions(IMAGES / "Dockerfile.airflow") if keyword in ("RUN", "COPY")
     )
     assert not re.search(r"torch|diffusers|transformers|peft", commands)
-    # the scan tasks need steps.artifacts and the MLflow client: the project goes in without its (ML) dependencies
-    project_installs = re.findall(r"pip install[^&]*/tmp/lora-pipeline", commands)
-    assert project_installs and all("--no-deps" in cmd for cmd in project_installs)
-    assert "mlflow-skinny" in commands and not re.search(r"[^-]mlflow==|mlflow\[", commands)
+    # no step code and no pipeline clients: the batch and retraining scans run as steps in the step images
+    assert [srcs for srcs, _ in copies(IMAGES / "Dockerfile.airflow")] == [["dags/"]]
+    assert not re.search(r"mlflow|minio|lora-pipeline|lora_ops|steps", commands)
     # Airflow and the providers are the versions the project's `airflow` extra (what the DAG tests run) allows
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.M))
     pins = dict(re.findall(r"(apache-airflow[\w-]*)==([\w.]+)", text))

@@ -69,7 +69,11 @@ def test_finetune_registers_champion_and_keeps_it_against_a_weaker_run(stack_env
     learned = float(tags["metric.classifier"])  # the share of its images the world's evaluator calls a ring
     assert learned >= 0.4, tags  # measured 0.6 (3 of 5 colours)
     assert "metric.clip_i" in tags and "metric.dino" in tags
-    files = demo_pipeline.fetch_evaluation(tags["lora_uri"].split("distill/")[0], tmp_path / "evaluation")
+    from steps.scan import dataset_hash
+
+    assert tags["lora_uri"].startswith(tags["run_prefix"])  # the lineage tags the batch scan and the demo read
+    assert tags["source_dataset_sha256"] == dataset_hash(inputs["dataset_uri"])
+    files = demo_pipeline.fetch_evaluation(tags["run_prefix"], tmp_path / "evaluation")
     assert {"comparison.png", "sweep.png", "metrics.json"} <= {f.name for f in files}
     assert all(f.stat().st_size > 0 for f in files)
 
@@ -83,14 +87,17 @@ def test_finetune_registers_champion_and_keeps_it_against_a_weaker_run(stack_env
     assert "challenger" in mv2.aliases and "champion" not in mv2.aliases
 
     # the batch scan compares the dataset with the champion's lineage: unchanged now, changed after an upload
-    from lora_datasets import subjects_to_train
+    from steps import scan
 
-    assert subjects_to_train(f"s3://{BUCKET}/datasets/", "lora-")[0] == []
+    def needing_a_run() -> list[str]:
+        return [c["model_name"] for c in scan.run(["--datasets", f"s3://{BUCKET}/datasets/"])["confs"]]
+
+    assert needing_a_run() == []
     from lora_ops.shapes.world import Spec, write_images
 
     extra = write_images([Spec("ring", "red")], tmp_path / "more", seed=7, prefix="ring_new")
     demo_pipeline.upload_folder(extra, inputs["dataset_uri"])
-    assert subjects_to_train(f"s3://{BUCKET}/datasets/", "lora-")[0] == ["ring"]
+    assert needing_a_run() == ["lora-ring"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,7 +125,7 @@ def scheduler(s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
         for key, value in {**s3_server.env, **mlflow_server.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}.items():
             mp.setenv(key, value)
         import load_check
-        from lora_datasets import dataset_hash
+        from steps.scan import dataset_hash
         from mlflow import MlflowClient
 
         from lora_ops.shapes.world import write_concept_dataset

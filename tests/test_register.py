@@ -95,6 +95,8 @@ def test_champion_moves_only_when_better_and_retry_makes_no_duplicate(tmp_path, 
     mv = client.get_model_version(name, "3")
     assert mv.tags["pipeline_run_id"] == "r3" and mv.tags["tokens"] == "<s1>" and mv.tags["rank"] == "2"
     assert mv.tags["dataset_sha256"] == "d" * 64 and mv.tags["base_model"] == str(tiny_model)
+    # the lineage the batch scan reads: the raw dataset hash the run started from, and where the run lies
+    assert mv.tags["source_dataset_sha256"] == "d" * 64 and mv.tags["run_prefix"] == "s3://artifacts/runs/r3/"
     assert float(mv.tags["metric.clip_i"]) == pytest.approx(0.65)
 
     # serving lookup: the console script and the pyfunc model
