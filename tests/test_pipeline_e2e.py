@@ -125,10 +125,10 @@ def scheduler(s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
         for key, value in {**s3_server.env, **mlflow_server.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}.items():
             mp.setenv(key, value)
         import load_check
-        from steps.scan import dataset_hash
         from mlflow import MlflowClient
 
         from lora_ops.shapes.world import write_concept_dataset
+        from steps.scan import dataset_hash
 
         inputs = demo_pipeline.prepare_inputs(work / "inputs", SCHEDULED_BUCKET, subject="star")
         striped = write_concept_dataset("striped", work / "inputs" / "dataset" / "striped")
