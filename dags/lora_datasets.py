@@ -12,19 +12,21 @@ import json
 import os
 from typing import Any
 
-from airflow.sdk import Asset, Param
+from airflow.sdk import Asset, Param, task
 
 BUCKET = os.environ.get("LORA_PIPELINE_BUCKET", "").strip() or "lora-pipeline"
 # Any change to a dataset (an upload tool, a producer DAG, the REST API) is an event on this asset;
 # the event's extra names the subject: {"subject": "dog", "dataset_uri": "s3://.../datasets/dog/"}.
 DATASETS = Asset(name="lora_datasets", uri=f"s3://{BUCKET}/datasets/")
-SUBJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$"  # the form's check; the same as steps.scan's (tested)
+SUBJECT_PATTERN = (
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$"  # the form's check; the same as lora_pipeline.steps.scan's (tested)
+)
 
 
 def scan_arguments(
     datasets_uri: str, model_prefix: str, finetune_conf: dict[str, Any] | None, subjects: list[str] | None = None
 ) -> list[str]:
-    """The flags of `python -m steps.scan` for one scan (`subjects`: only these; None: every subject)."""
+    """The flags of `python -m lora_pipeline.steps.scan` for one scan (`subjects`: only these; None: every subject)."""
     args = [
         "--datasets",
         datasets_uri,
@@ -57,3 +59,27 @@ def subject_run_params() -> dict[str, Param]:
             section="Fine-tuning",
         ),
     }
+
+
+def finetune_changed_subjects(scan_flags, parallelism: int):
+    """The tasks after the scan flags: the `scan` step, the confs it chose, and one `lora_finetune` run per conf
+    (triggered and waited for, at most `parallelism` at a time). Returns the trigger task."""
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+    from lora_pipeline_tasks import ExecutorConfig, step_task
+
+    scan = step_task("scan", scan_flags, config=ExecutorConfig.from_env())
+
+    @task
+    def finetune_confs(result: dict[str, Any]) -> list[dict[str, Any]]:
+        """The lora_finetune conf of every subject that needs a run (the scan step's decision)."""
+        return result["confs"]
+
+    return TriggerDagRunOperator.partial(
+        task_id="finetune",
+        trigger_dag_id="lora_finetune",
+        wait_for_completion=True,
+        poke_interval=10,  # one metadata query per poke: cheap, and a finished run is seen soon
+        max_active_tis_per_dagrun=parallelism,
+        map_index_template="{{ task.conf.model_name }}",
+        retries=0,  # a retry would trigger a second fine-tune of the subject
+    ).expand(conf=finetune_confs(scan.output))

@@ -1,6 +1,6 @@
 """The executor factory: one function, `step_task`, builds a pipeline step as an Airflow task.
 
-Every step is the same program (`python -m steps.<name> --flag value ...`, see docs/steps.md); only where
+Every step is the same program (`python -m lora_pipeline.steps.<name> --flag value ...`, see docs/steps.md); only where
 it runs changes. The deployment chooses with environment variables read when the DAG file is parsed
 (no I/O, no ML imports):
 
@@ -156,7 +156,7 @@ def step_command(step: str) -> list[str]:
     """The entry point of a step; its flags follow it. The same in every executor."""
     if step not in STEPS:
         raise ValueError(f"step: expected one of {STEPS}, got {step!r}")
-    return ["python", "-m", f"steps.{step}"]
+    return ["python", "-m", f"lora_pipeline.steps.{step}"]
 
 
 # Lineage for the steps (docs/steps.md: AIRFLOW_CTX_* are recorded on the registered version).
@@ -183,7 +183,7 @@ def _last_json(lines: Sequence[str]) -> dict[str, Any]:
 
 
 class LocalStepOperator(BaseOperator):
-    """Runs `python -m steps.<step> <arguments>` as a subprocess of the worker and returns its result JSON.
+    """Runs `python -m lora_pipeline.steps.<step> <arguments>` as a subprocess of the worker and returns its result JSON.
 
     stdout and stderr stream into the task log. Exit code 2 (invalid input) fails the task without retries;
     any other failure is retried.
@@ -222,9 +222,11 @@ class LocalStepOperator(BaseOperator):
         code = proc.wait()
         pump.join(timeout=10)
         if code == 2:
-            raise AirflowFailException(f"steps.{self.step}: invalid input or configuration (exit 2), not retried")
+            raise AirflowFailException(
+                f"lora_pipeline.steps.{self.step}: invalid input or configuration (exit 2), not retried"
+            )
         if code != 0:
-            raise AirflowException(f"steps.{self.step}: exit code {code}")
+            raise AirflowException(f"lora_pipeline.steps.{self.step}: exit code {code}")
         return _last_json(out_lines)
 
     def on_kill(self) -> None:
@@ -307,7 +309,7 @@ def step_task(
     map_index_flag: str | None = None,
     **kwargs: Any,
 ):
-    """Build the task that runs `python -m steps.<step> <arguments>` with the configured executor.
+    """Build the task that runs `python -m lora_pipeline.steps.<step> <arguments>` with the configured executor.
 
     Args:
         step: one of `STEPS`.

@@ -13,14 +13,11 @@ from __future__ import annotations
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import DAG, Param, task
 
 sys.path.insert(0, str(Path(__file__).parent))  # the DAG folder's own modules, wherever it is mounted
-from lora_datasets import DATASETS, SUBJECT_PATTERN, scan_arguments, subject_run_params  # noqa: E402
-from lora_pipeline_tasks import ExecutorConfig, step_task  # noqa: E402
+from lora_datasets import DATASETS, SUBJECT_PATTERN, finetune_changed_subjects, scan_arguments, subject_run_params  # noqa: E402
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=1)}
 
@@ -77,22 +74,4 @@ with DAG(
         print(f"{len(events)} dataset event(s); checking {only or 'every subject'}")
         return scan_arguments(DATASETS.uri, params["model_prefix"], params["finetune_conf"], only)
 
-    scan = step_task("scan", scan_flags(), config=ExecutorConfig.from_env())
-
-    @task
-    def finetune_confs(result: dict[str, Any]) -> list[dict[str, Any]]:
-        """The lora_finetune conf of every named subject whose dataset differs from its champion's."""
-        return result["confs"]
-
-    confs = finetune_confs(scan.output)
-    finetune = TriggerDagRunOperator.partial(
-        task_id="finetune",
-        trigger_dag_id="lora_finetune",
-        wait_for_completion=True,
-        poke_interval=10,  # one metadata query per poke: cheap, and a finished run is seen soon
-        max_active_tis_per_dagrun=2,
-        map_index_template="{{ task.conf.model_name }}",
-        retries=0,  # a retry would trigger a second fine-tune of the subject
-    ).expand(conf=confs)
-
-    confs >> finetune
+    finetune_changed_subjects(scan_flags(), 2)

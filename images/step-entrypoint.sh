@@ -1,14 +1,14 @@
 #!/bin/sh
-# Entry point of the step images: `<step> [flags]` runs `python -m steps.<step> [flags]`.
-# Any other command runs as given, so `python -m steps.tune ...` (what the DAG's pods run),
+# Entry point of the step images: `<step> [flags]` runs `python -m lora_pipeline.steps.<step> [flags]`.
+# Any other command runs as given, so `python -m lora_pipeline.steps.tune ...` (what the DAG's pods run),
 # `lora-registry ...`, `lora-ops ...` and `bash` all work.
 set -eu
 
-STEPS="preprocess invert tune distill evaluate register"
+STEPS="scan preprocess invert tune distill evaluate register finish"
 
 usage() {
     echo "usage: <step> [flags]   with <step> one of: ${STEPS}"
-    echo "       lora-registry ... | lora-ops ... | python -m steps.<step> ...    (runs as given)"
+    echo "       lora-registry ... | lora-ops ... | python -m lora_pipeline.steps.<step> ...    (runs as given)"
     echo "       <step> --help shows the flags of one step"
 }
 
@@ -20,7 +20,7 @@ fi
 for step in ${STEPS}; do
     if [ "$1" = "${step}" ]; then
         shift
-        exec python -m "steps.${step}" "$@"
+        exec python -m "lora_pipeline.steps.${step}" "$@"
     fi
 done
 

@@ -31,7 +31,6 @@ from .images import make_grid
 from .masks import ClipSegMasker, FaceMasker, center_of_mass, square_box
 from .outputs import check_disjoint, prepare_output, publish_output
 from .precision import torch_dtype
-from .tiny_vision import make_tiny_preprocess_models
 
 RECORD = "dataset.json"  # the preprocessing record, written last
 MaskKind = Literal["clipseg", "face", "none"]
@@ -42,7 +41,6 @@ __all__ = [
     "PreprocessConfig",
     "PreprocessResult",
     "Upscaler",
-    "make_tiny_preprocess_models",
     "preprocess_dataset",
 ]
 

@@ -41,7 +41,7 @@ def _recipe():
 
 def upload_folder(local: Path, uri: str) -> int:
     """Upload every file of `local` under the s3:// prefix `uri`; returns the number of files."""
-    from steps.artifacts import Store, parse_uri
+    from lora_pipeline.steps.artifacts import Store, parse_uri
 
     loc = parse_uri(uri, "uri").as_prefix()
     store = Store.for_uri(loc)
@@ -338,9 +338,8 @@ class AirflowServices:
 
 def registered_version(model_name: str, run_id: str, tracking_uri: str):
     """The model version the run registered, and the current champion version."""
+    from lora_pipeline.steps.tracking import KEY_TAG, quote, run_key
     from mlflow import MlflowClient
-
-    from steps.tracking import KEY_TAG, quote, run_key
 
     client = MlflowClient(tracking_uri)
     (mv,) = client.search_model_versions(f"name = {quote(model_name)} and tags.`{KEY_TAG}` = '{run_key(run_id)}'")
@@ -350,7 +349,7 @@ def registered_version(model_name: str, run_id: str, tracking_uri: str):
 
 def fetch_evaluation(run_uri: str, dest: Path) -> list[Path]:
     """Download the evaluation's pictures and tables (`<run>/evaluate/`: PNG, GIF, metrics) into `dest`."""
-    from steps.artifacts import Store, parse_uri
+    from lora_pipeline.steps.artifacts import Store, parse_uri
 
     loc = parse_uri(f"{run_uri}evaluate/", "evaluation").as_prefix()
     store = Store.for_uri(loc)

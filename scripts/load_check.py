@@ -46,10 +46,9 @@ def quick_conf(inputs: dict[str, str], model_name: str) -> dict:
 def check_run(run_id: str, bucket: str, model_name: str, tracking_uri: str) -> list[str]:
     """What is wrong with one finished run (empty: nothing)."""
     from lora_finetune import run_key as prefix_key
+    from lora_pipeline.steps.artifacts import verify
+    from lora_pipeline.steps.tracking import KEY_TAG, ROLE_TAG, quote, run_key
     from mlflow import MlflowClient
-
-    from steps.artifacts import verify
-    from steps.tracking import KEY_TAG, ROLE_TAG, quote, run_key
 
     problems = []
     root = f"s3://{bucket}/runs/{prefix_key(run_id)}"

@@ -21,7 +21,7 @@ EXIT_OK, EXIT_UNEXPECTED, EXIT_INPUT, EXIT_INFRA = 0, 1, 2, 3
 
 
 def parser(step: str, description: str, compute: bool = True, out_required: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m steps.{step}", description=description)
+    p = argparse.ArgumentParser(prog=f"python -m lora_pipeline.steps.{step}", description=description)
     p.add_argument(
         "--run-id",
         default=os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"),

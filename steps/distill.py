@@ -1,6 +1,6 @@
 """distill: a LoRA re-ranked to rank N by SVD of its factors (no dense ΔW); one invocation per rank.
 
-python -m steps.distill --run-id RUN_ID --lora URI --rank N --out URI
+python -m lora_pipeline.steps.distill --run-id RUN_ID --lora URI --rank N --out URI
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """evaluate: candidate LoRAs -> CLIP-T/CLIP-I/DINO metrics, grids, alpha-sweep GIFs and the best candidate.
 
-    python -m steps.evaluate --run-id RUN_ID --dataset URI --base-model REF --lora URI [--lora URI ...] --out URI
+    python -m lora_pipeline.steps.evaluate --run-id RUN_ID --dataset URI --base-model REF --lora URI [--lora URI ...] --out URI
         [--prompts P ...] [--scales S ...] [--seed N ...] [--clip-model ID] [--dino-model ID]
         [--class-word WORD] [--num-inference-steps N] [--guidance-scale G] [--resolution N] [--select-metric clip_i|clip_t|dino]
         [--sweep-steps N] [--classifier-model DIR [--classifier-target shape=ring]]

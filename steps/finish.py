@@ -1,6 +1,6 @@
 """finish: end the pipeline run's MLflow runs when the DAG run ends (the parent with the run's outcome).
 
-    python -m steps.finish --run-id RUN_ID --status FINISHED|FAILED
+    python -m lora_pipeline.steps.finish --run-id RUN_ID --status FINISHED|FAILED
 
 The DAG runs it last twice over: with FINISHED when every step succeeded, with FAILED when any failed
 (Airflow trigger rules `all_success` / `one_failed`). Nested runs still RUNNING (a step killed before it

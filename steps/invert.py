@@ -1,6 +1,6 @@
 """invert: textual inversion (phase 1 of pivotal tuning): dataset -> learned token embeddings.
 
-    python -m steps.invert --run-id RUN_ID --dataset URI --base-model REF --out URI
+    python -m lora_pipeline.steps.invert --run-id RUN_ID --dataset URI --base-model REF --out URI
         --placeholder-tokens "<s1>|<s2>" [--initializer-tokens WORDS] [--template object|style|none]
         [--steps N] [--lr F] [--resolution N] [--seed N] [--use-masks] [--save-steps N]
 

@@ -1,6 +1,6 @@
 """preprocess: a folder of subject images -> a captioned, masked, square-cropped training dataset.
 
-    python -m steps.preprocess --run-id RUN_ID --dataset URI --out URI
+    python -m lora_pipeline.steps.preprocess --run-id RUN_ID --dataset URI --out URI
         [--resolution 512] [--caption-model ID|none] [--mask clipseg|face|none] [--mask-model ID]
         [--mask-phrases "face"] [--crop center|mask] [--token-substitution WORD|TOKENS]
         [--caption-prefix TEXT] [--on-error raise|skip] [--seed N]

@@ -1,9 +1,9 @@
 """register: the best evaluated LoRA -> an MLflow model version, alias `champion` only when it is better.
 
-    python -m steps.register --run-id RUN_ID --evaluation URI --model-name NAME
+    python -m lora_pipeline.steps.register --run-id RUN_ID --evaluation URI --model-name NAME
         [--promotion-metric clip_i] [--clip-t-tolerance 0.01]
 
-The version is an MLflow pyfunc model (see `steps.registry`) tagged with its lineage. It becomes
+The version is an MLflow pyfunc model (see `lora_pipeline.serving`) tagged with its lineage. It becomes
 `champion` when its promotion metric beats the current champion's and its CLIP-T is not lower than the
 champion's by more than the tolerance; otherwise it becomes `challenger`. Re-running for the same
 pipeline run finds the version it created before (tag `pipeline_run_id`) and creates no second one.
@@ -217,7 +217,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 def _create_version(tracker, client, args, manifest, best, metrics, evaluation_sha, tmp: Path):
     from lora_ops import load_lora
 
-    from .registry import LORA_FILE, save_pyfunc
+    from ..serving import LORA_FILE, save_pyfunc
 
     lora_prefix = str(parse_uri(best["lora"], "best.lora").as_prefix())
     fetched = fetch(lora_prefix, tmp / "lora", name="best candidate", require_manifest=True,

@@ -1,6 +1,6 @@
 """scan: which subjects need a fine-tune (the first task of the lora_batch and lora_retrain DAGs).
 
-    python -m steps.scan --datasets s3://bucket/datasets/ [--model-prefix lora-] [--subjects dog,owl]
+    python -m lora_pipeline.steps.scan --datasets s3://bucket/datasets/ [--model-prefix lora-] [--subjects dog,owl]
                          [--finetune-conf '{"tune_steps": 500}']
 
 A subject is a folder `<datasets>/<subject>/`; its registered model is `<model-prefix><subject>`. A subject
@@ -33,7 +33,7 @@ SUBJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m steps.{STEP}", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m lora_pipeline.steps.{STEP}", description=__doc__.splitlines()[0])
     p.add_argument("--datasets", required=True, help="prefix holding one folder per subject: s3://bucket/datasets/")
     p.add_argument("--model-prefix", default="lora-", help="a subject's registered model is <prefix><subject>")
     p.add_argument("--subjects", default="", help="comma-separated subjects to check (default: every subject)")

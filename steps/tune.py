@@ -1,6 +1,6 @@
 """tune: LoRA tuning around learned tokens (phase 2 of pivotal tuning): dataset + tokens -> LoRA file.
 
-    python -m steps.tune --run-id RUN_ID --dataset URI --tokens URI --base-model REF --out URI
+    python -m lora_pipeline.steps.tune --run-id RUN_ID --dataset URI --tokens URI --base-model REF --out URI
         [--rank N] [--steps N] [--lr-unet F] [--lr-text F] [--train-text-encoder]
         [--resolution N] [--seed N] [--save-steps N] [--use-masks]
 

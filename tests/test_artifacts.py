@@ -7,9 +7,7 @@ import json
 import os
 
 import pytest
-from minio import Minio
-
-from steps.artifacts import (
+from lora_pipeline.steps.artifacts import (
     MANIFEST,
     CredentialsError,
     IntegrityError,
@@ -23,7 +21,8 @@ from steps.artifacts import (
     run_prefix_of,
     sha256_file,
 )
-from steps.models import resolve_base_model
+from lora_pipeline.steps.models import resolve_base_model
+from minio import Minio
 
 
 @pytest.fixture
@@ -196,8 +195,9 @@ def test_wrong_credentials_give_a_clear_error(tmp_path, s3_env, monkeypatch):
 
 
 def test_unreachable_store_retries_then_fails(tmp_path, monkeypatch):
+    from lora_pipeline.steps.artifacts import StorageError
+
     from lora_pipeline.devstack import free_ports
-    from steps.artifacts import StorageError
 
     monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
@@ -242,7 +242,7 @@ def test_manifest_paths_cannot_escape_the_download_folder(tmp_path):
 
 
 def test_step_errors_mask_credentials_and_url_passwords(monkeypatch):
-    from steps.common import _redact
+    from lora_pipeline.steps.common import _redact
 
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-123456")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-abcdef")

@@ -113,10 +113,10 @@ def test_training_docs_tables_match_the_field_metadata():
 
 def test_device_defaults_to_auto_everywhere(monkeypatch):
     import torch
+    from lora_pipeline.steps.common import parser as step_parser
 
     from lora_ops.cli import build_parser
     from lora_ops.commands import resolve_device
-    from steps.common import parser as step_parser
 
     found = []
     for path, sub in [*_parsers(build_parser()), (("step",), step_parser("tune", "x"))]:

@@ -237,7 +237,7 @@ def test_build_commands_parse_with_the_real_step_parsers(served_params):
 
     cmds = build_commands("manual__x", _params(served_params, caption_model="none"), "bkt")
     for step in ("preprocess", "invert", "tune", "distill", "evaluate", "register", "finish", "finish_failed"):
-        module = importlib.import_module(f"steps.{step.removesuffix('_failed')}")
+        module = importlib.import_module(f"lora_pipeline.steps.{step.removesuffix('_failed')}")
         for args in cmds[step] if step == "distill" else [cmds[step]]:
             module.build_parser().parse_args(args)  # argparse exits on an unknown or malformed flag
 
@@ -348,24 +348,25 @@ def test_the_dag_files_import_only_airflow_and_the_dag_folder():
 
 def test_batch_and_retrain_decide_in_the_scan_step(dagbag):
     from lora_datasets import SUBJECT_PATTERN, scan_arguments
+    from lora_pipeline.steps import scan as scan_step
     from lora_pipeline_tasks import STEPS
 
-    import steps.scan
-
-    assert "scan" in STEPS and SUBJECT_PATTERN == steps.scan.SUBJECT_PATTERN  # the form checks what the step does
+    assert "scan" in STEPS and SUBJECT_PATTERN == scan_step.SUBJECT_PATTERN  # the form checks what the step does
     for dag_id in ("lora_batch", "lora_retrain"):
         dag = dagbag.dags[dag_id]
         scan = dag.get_task("scan")
-        assert getattr(scan, "step", None) == "scan" or "steps.scan" in " ".join(getattr(scan, "cmds", []) or [])
+        assert getattr(scan, "step", None) == "scan" or "lora_pipeline.steps.scan" in " ".join(
+            getattr(scan, "cmds", []) or []
+        )
         assert dag.get_task("finetune").partial_kwargs["retries"] == 0  # a retry would start a second fine-tune
         assert {t.task_id for t in scan.upstream_list} == {"scan_flags"}
         assert {t.task_id for t in scan.downstream_list} == {"finetune_confs"}
     args = scan_arguments("s3://b/datasets/", "lora-", {"tune_steps": 5}, ["owl", "dog"])
-    parsed = steps.scan.build_parser().parse_args(args)
+    parsed = scan_step.build_parser().parse_args(args)
     assert (parsed.datasets, parsed.model_prefix, parsed.subjects) == ("s3://b/datasets/", "lora-", "dog,owl")
-    assert steps.scan._overrides(parsed.finetune_conf) == {"tune_steps": 5}
+    assert scan_step._overrides(parsed.finetune_conf) == {"tune_steps": 5}
     assert (
-        steps.scan._overrides(steps.scan.build_parser().parse_args(scan_arguments("s3://b/d/", "", None)).finetune_conf)
+        scan_step._overrides(scan_step.build_parser().parse_args(scan_arguments("s3://b/d/", "", None)).finetune_conf)
         == {}
     )
 

@@ -73,7 +73,7 @@ def test_gpu_step_pod_spec(k8s_env):
     spec = pod["spec"]
     (container,) = [c for c in spec["containers"] if c["name"] == "base"]
     assert container["image"] == "registry.example/lora-pipeline-gpu:1.0"
-    assert container["command"] == ["python", "-m", "steps.tune"]
+    assert container["command"] == ["python", "-m", "lora_pipeline.steps.tune"]
     assert container["args"] == ARGS  # the same flags as the local and docker executors
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert spec["nodeSelector"] == {"node.kubernetes.io/instance-type": "gpu-h100"}
@@ -121,7 +121,7 @@ def test_finetune_dag_under_kubernetes(k8s_env):
     assert tune.container_resources.limits == {"nvidia.com/gpu": "1"}
     assert tune.node_selector == {"node.kubernetes.io/instance-type": "gpu-h100"}
     assert [t.key for t in tune.tolerations] == ["nvidia.com/gpu"]
-    assert tune.cmds == ["python", "-m", "steps.tune"]
+    assert tune.cmds == ["python", "-m", "lora_pipeline.steps.tune"]
     assert dag.get_task("register").container_resources is None
     distill = dag.get_task("distill")
     assert distill.operator_class is KubernetesPodOperator or distill.operator_class.__name__ == "KubernetesPodOperator"
@@ -138,7 +138,7 @@ def test_docker_executor_requests_gpus_and_keeps_credentials_out(monkeypatch):
     with DAG("docker_check", schedule=None, start_date=datetime(2026, 1, 1)):
         gpu = step_task("tune", ARGS, gpu=True, config=cfg)
         cpu = step_task("register", ARGS, config=cfg)
-    assert gpu.entrypoint == ["python", "-m", "steps.tune"] and gpu.command == ARGS
+    assert gpu.entrypoint == ["python", "-m", "lora_pipeline.steps.tune"] and gpu.command == ARGS
     assert gpu.image == "lora-pipeline-gpu:latest" and cpu.image == "lora-pipeline-cpu:latest"
     assert gpu.device_requests[0]["Count"] == 2 and gpu.device_requests[0]["Capabilities"] == [["gpu"]]
     assert not cpu.device_requests

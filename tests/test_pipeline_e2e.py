@@ -69,7 +69,7 @@ def test_finetune_registers_champion_and_keeps_it_against_a_weaker_run(stack_env
     learned = float(tags["metric.classifier"])  # the share of its images the world's evaluator calls a ring
     assert learned >= 0.4, tags  # measured 0.6 (3 of 5 colours)
     assert "metric.clip_i" in tags and "metric.dino" in tags
-    from steps.scan import dataset_hash
+    from lora_pipeline.steps.scan import dataset_hash
 
     assert tags["lora_uri"].startswith(tags["run_prefix"])  # the lineage tags the batch scan and the demo read
     assert tags["source_dataset_sha256"] == dataset_hash(inputs["dataset_uri"])
@@ -87,7 +87,7 @@ def test_finetune_registers_champion_and_keeps_it_against_a_weaker_run(stack_env
     assert "challenger" in mv2.aliases and "champion" not in mv2.aliases
 
     # the batch scan compares the dataset with the champion's lineage: unchanged now, changed after an upload
-    from steps import scan
+    from lora_pipeline.steps import scan
 
     def needing_a_run() -> list[str]:
         return [c["model_name"] for c in scan.run(["--datasets", f"s3://{BUCKET}/datasets/"])["confs"]]
@@ -125,10 +125,10 @@ def scheduler(s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
         for key, value in {**s3_server.env, **mlflow_server.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}.items():
             mp.setenv(key, value)
         import load_check
+        from lora_pipeline.steps.scan import dataset_hash
         from mlflow import MlflowClient
 
         from lora_ops.shapes.world import write_concept_dataset
-        from steps.scan import dataset_hash
 
         inputs = demo_pipeline.prepare_inputs(work / "inputs", SCHEDULED_BUCKET, subject="star")
         striped = write_concept_dataset("striped", work / "inputs" / "dataset" / "striped")

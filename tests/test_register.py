@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-
-from steps import register
-from steps.artifacts import publish, sha256_file
+from lora_pipeline.steps import register
+from lora_pipeline.steps.artifacts import publish, sha256_file
 
 
 def make_lora(base_model, path, seed: int = 0):
@@ -101,7 +100,7 @@ def test_champion_moves_only_when_better_and_retry_makes_no_duplicate(tmp_path, 
 
     # serving lookup: the console script and the pyfunc model
     out = tmp_path / "served"
-    from steps.registry import main as registry_main  # the `lora-registry` console script
+    from lora_pipeline.serving import main as registry_main  # the `lora-registry` console script
 
     assert registry_main(["get", f"{name}@champion", "--out", str(out)]) == 0
     captured = capsys.readouterr()
@@ -113,7 +112,7 @@ def test_champion_moves_only_when_better_and_retry_makes_no_duplicate(tmp_path, 
 
     import mlflow.pyfunc
 
-    from steps.registry import decode_png
+    from lora_pipeline.serving import decode_png
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     params = {"num_inference_steps": 2, "height": 32, "width": 32, "seed": 1}
@@ -155,10 +154,9 @@ def test_odd_run_ids_retry_into_the_same_runs_and_version(tmp_path, stack_env, t
 def test_every_run_ends_finished_or_failed(tmp_path, stack_env, tiny_model, capsys):  # noqa: F811
     """A failing register ends its run FAILED; a retry with bad input never re-opens the finished run; the
     finish step ends the parent (and any step run left RUNNING by a killed step) when the DAG run ends."""
+    from lora_pipeline.steps import finish
+    from lora_pipeline.steps.tracking import start_step
     from mlflow.tracking import MlflowClient
-
-    from steps import finish
-    from steps.tracking import start_step
 
     client = MlflowClient()
     run_id, name = "status-1", "status-lora"
@@ -213,7 +211,7 @@ def test_two_concurrent_registrations_end_with_the_better_one_as_champion(tmp_pa
             cand = publish_candidate(tmp_path, run_id, tiny_model)
             evals[run_id] = publish_evaluation(tmp_path, run_id, cand, {"clip_i": clip_i, "clip_t": 0.3}, tiny_model)
         procs = {
-            run_id: subprocess.Popen([sys.executable, "-m", "steps.register", "--run-id", run_id, "--evaluation", uri,
+            run_id: subprocess.Popen([sys.executable, "-m", "lora_pipeline.steps.register", "--run-id", run_id, "--evaluation", uri,
                                       "--model-name", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for run_id, uri in evals.items()
         }  # fmt: skip
@@ -255,7 +253,7 @@ def test_lora_registry_without_the_pipeline_extra_says_which_extra(tmp_path):
         "import importlib.util, sys\n"
         "_find = importlib.util.find_spec\n"
         "importlib.util.find_spec = lambda name, *a: None if name == 'mlflow' else _find(name, *a)\n"
-        "from steps.registry_cli import main\n"
+        "from lora_pipeline.serving_cli import main\n"
         "sys.exit(main(['get', 'x@champion', '--out', 'o']))\n"
     )
     proc = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)

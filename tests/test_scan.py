@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from steps import scan
-from steps.artifacts import Store, parse_uri
+from lora_pipeline.steps import scan
+from lora_pipeline.steps.artifacts import Store, parse_uri
 
 
 def upload(tmp_path, uri: str, files: dict[str, bytes]) -> None:

@@ -15,12 +15,12 @@ import urllib.request
 import warnings
 
 import pytest
+from lora_pipeline.steps import register
+from lora_pipeline.steps.artifacts import publish
 from test_register import publish_candidate, publish_evaluation
 
 from lora_pipeline.devstack import Server, free_ports, server_binary, wait_http
-from steps import register
-from steps.artifacts import publish
-from steps.registry import PARAMS, decode_png
+from lora_pipeline.serving import PARAMS, decode_png
 
 NAME = "serve-lora"
 REQUEST = {"num_inference_steps": 2, "height": 48, "width": 48, "seed": 1}
@@ -147,12 +147,12 @@ def test_version_loads_without_the_project_installed(registered, tmp_path):
     files processed, so no editable-install finder) still loads it and generates the asked image."""
     script = (
         "import importlib.util, sys\n"
-        "assert importlib.util.find_spec('steps') is None, 'the project is importable'\n"
+        "assert importlib.util.find_spec('lora_pipeline') is None, 'the project is importable'\n"
         "import mlflow.pyfunc\n"
         "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
-        "from steps.registry import decode_png\n"  # from the version's code/, now first on sys.path
+        "from lora_pipeline.serving import decode_png\n"  # from the version's code/, now first on sys.path
         "out = m.predict(['a photo of <s1> dog'], params={'num_inference_steps': 2, 'height': 48, 'width': 48})\n"
-        "print(sys.modules['steps'].__file__)\n"
+        "print(sys.modules['lora_pipeline.steps.models'].__file__)\n"
         "print(decode_png(out['image'][0]).size)\n"
     )
     env = {**os.environ, **registered["env"], "PYTHONPATH": sysconfig.get_paths()["purelib"]}
@@ -160,7 +160,7 @@ def test_version_loads_without_the_project_installed(registered, tmp_path):
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert "/code/steps/__init__.py" in lines[-2] and lines[-1] == "(48, 48)", proc.stdout
+    assert "/code/lora_pipeline/steps/models.py" in lines[-2] and lines[-1] == "(48, 48)", proc.stdout
 
 
 def test_lora_registry_prints_no_warning(registered, tmp_path):

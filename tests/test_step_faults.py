@@ -13,13 +13,8 @@ import time
 
 import pytest
 import torch
-from minio import Minio
-from test_register import make_lora
-from test_steps import raw_images, upload_folder
-
-from lora_pipeline.devstack import start_seaweedfs
-from steps import distill, tune
-from steps.artifacts import (
+from lora_pipeline.steps import distill, tune
+from lora_pipeline.steps.artifacts import (
     IntegrityError,
     StorageError,
     Store,
@@ -31,6 +26,11 @@ from steps.artifacts import (
     read_manifest,
     sha256_file,
 )
+from minio import Minio
+from test_register import make_lora
+from test_steps import raw_images, upload_folder
+
+from lora_pipeline.devstack import start_seaweedfs
 
 
 def _many_files(folder, n=8, size=1024 * 1024):
@@ -113,7 +113,7 @@ def test_tune_killed_mid_training_resumes_from_uploaded_checkpoint(tmp_path, sta
     argv = ["--run-id", "killed", "--dataset", dataset, "--tokens", tokens, "--base-model", str(tiny_model),
             "--out", out, "--rank", "2", "--steps", "6", "--save-steps", "2", "--resolution", "32", "--device", "cpu"]  # fmt: skip
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "steps.tune", *argv], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "lora_pipeline.steps.tune", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     client = Minio(stack_env["S3_ENDPOINT_URL"].split("://")[1], access_key=stack_env["AWS_ACCESS_KEY_ID"],
                    secret_key=stack_env["AWS_SECRET_ACCESS_KEY"], secure=False)  # fmt: skip
@@ -254,9 +254,8 @@ def test_publish_removes_a_stale_manifest_before_uploading(tmp_path, own_s3, mon
 
 def test_two_tune_steps_at_once_on_the_same_run(tmp_path, stack_env, tiny_model):  # noqa: F811
     """An Airflow retry racing a zombie attempt: both finish, and the output verifies against its manifest."""
+    from lora_pipeline.steps.artifacts import verify
     from test_steps import raw_images, upload_folder
-
-    from steps.artifacts import verify
 
     dataset_dir = raw_images(tmp_path / "raw", n=2)
     for p in dataset_dir.glob("*.png"):
@@ -271,7 +270,7 @@ def test_two_tune_steps_at_once_on_the_same_run(tmp_path, stack_env, tiny_model)
     tokens = "s3://artifacts/runs/twotune/invert/"
     publish(tokens_dir, tokens, step="invert", run_id="twotune", inputs={}, parameters={}, result={})
     out = "s3://artifacts/runs/twotune/tune/"
-    argv = [sys.executable, "-m", "steps.tune", "--run-id", "twotune", "--dataset", dataset, "--tokens", tokens,
+    argv = [sys.executable, "-m", "lora_pipeline.steps.tune", "--run-id", "twotune", "--dataset", dataset, "--tokens", tokens,
             "--base-model", base, "--out", out, "--steps", "3", "--rank", "2", "--resolution", "32",
             "--device", "cpu"]  # fmt: skip
     env = {**os.environ, "LORA_PIPELINE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}

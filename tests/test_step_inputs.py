@@ -4,11 +4,10 @@ user gave (the S3 URI, the file) in their errors — against a real SeaweedFS se
 from __future__ import annotations
 
 import pytest
+from lora_pipeline.steps import distill, evaluate, invert, preprocess, register, tune
+from lora_pipeline.steps.artifacts import overlaps, parse_uri
 from minio import Minio
 from test_steps import raw_images, upload_folder
-
-from steps import distill, evaluate, invert, preprocess, register, tune
-from steps.artifacts import overlaps, parse_uri
 
 
 def _client(env):

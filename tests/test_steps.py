@@ -9,11 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from lora_pipeline.steps import distill, evaluate, invert, preprocess, register, tune
+from lora_pipeline.steps.artifacts import read_manifest
 from minio import Minio
 from PIL import Image
-
-from steps import distill, evaluate, invert, preprocess, register, tune
-from steps.artifacts import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +136,7 @@ def test_step_command_line_and_clear_errors(tmp_path, stack_env, capsys):  # noq
     """The real console entry point: usage errors and bad input exit non-zero with one line, no traceback."""
     assert distill.main(["--run-id", "x", "--lora", "s3://artifacts/none/", "--rank", "0", "--out", "o"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["distill: error: --rank=0: must be a positive integer"]
-    proc = subprocess.run([sys.executable, "-m", "steps.distill", "--run-id", "x", "--lora", "s3://artifacts/none/",
+    proc = subprocess.run([sys.executable, "-m", "lora_pipeline.steps.distill", "--run-id", "x", "--lora", "s3://artifacts/none/",
                            "--rank", "2", "--out", str(tmp_path / "o")], capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     lines = proc.stderr.strip().splitlines()

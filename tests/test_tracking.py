@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from steps.tracking import NullTracker, start_step
+from lora_pipeline.steps.tracking import NullTracker, start_step
 
 
 def _run(client, tracker):

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from .registry import main as registry_main
+    from .serving import main as registry_main
 
     return registry_main(argv)
 

@@ -7,6 +7,6 @@ registered with: no pickled code travels through the artifact store.
 
 from mlflow.models import set_model
 
-from steps.registry import LoraPipelineModel
+from lora_pipeline.serving import LoraPipelineModel
 
 set_model(LoraPipelineModel())

@@ -1,7 +1,7 @@
 """The registered LoRA as an MLflow pyfunc model, and the serving lookup `lora-registry get NAME@ALIAS`.
 
 A model version's folder holds `MLmodel`, the models-from-code file `pyfunc_model.py`, the project's code
-under `code/` (`lora_ops/` and `steps/`, source files only: no pickled code, no model weights),
+under `code/` (`lora_ops/` and `lora_pipeline/` with its steps, source files only: no pickled code, no model weights),
 `requirements.txt` (the libraries that code needs, pinned to the versions it was registered with) and
 `artifacts/lora.safetensors` + `artifacts/metadata.json`; `metadata.json` names the base model (hub id,
 local folder or s3:// prefix). Loading the version imports `LoraPipelineModel` from its own `code/`, so
@@ -33,10 +33,10 @@ METADATA_FILE = "metadata.json"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 PROJECT = "lora-pipeline"
 # beyond the project's own dependencies (pyproject.toml), what loading a version imports: minio for
-# s3:// base models (steps.models), mlflow for the pyfunc itself
+# s3:// base models (lora_pipeline.steps.models), mlflow for the pyfunc itself
 SERVING_EXTRAS = ("minio", "mlflow")
 # the project's packages logged with each version (code_paths), without the shapes world's weights
-CODE_PACKAGES = ("lora_ops", "steps")
+CODE_PACKAGES = ("lora_ops", "lora_pipeline", "lora_pipeline.steps")  # the last one installs from steps/
 CODE_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "pretrained")
 
 
@@ -58,7 +58,7 @@ class LoraPipelineModel(mlflow.pyfunc.PythonModel):
         from lora_ops import load_pipeline, patch_pipeline
         from lora_ops.devices import resolve_device
 
-        from .models import resolve_base_model
+        from .steps.models import resolve_base_model
 
         self.lora_path = context.artifacts["lora"]
         self.metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
@@ -185,12 +185,10 @@ def _stage_code(staging: Path) -> list[str]:
     """Copies of the project's packages (source only) for `code_paths`."""
     import importlib
 
-    paths = []
     for package in CODE_PACKAGES:
         source = Path(importlib.import_module(package).__file__).parent
-        shutil.copytree(source, staging / package, ignore=CODE_IGNORE)
-        paths.append(str(staging / package))
-    return paths
+        shutil.copytree(source, staging.joinpath(*package.split(".")), ignore=CODE_IGNORE, dirs_exist_ok=True)
+    return [str(staging / package) for package in CODE_PACKAGES if "." not in package]
 
 
 def save_pyfunc(folder: str | Path, lora_path: str | Path, metadata: dict[str, Any]) -> Path:
@@ -237,7 +235,7 @@ def get_lora(ref: str, out: str | Path, tracking_uri: str | None = None) -> dict
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from .artifacts import IntegrityError, sha256_file
+    from .steps.artifacts import IntegrityError, sha256_file
 
     name, alias, version = parse_ref(ref)
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -278,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     get.add_argument("ref", help="NAME@ALIAS (e.g. my-lora@champion) or NAME/VERSION")
     get.add_argument("--out", required=True, help="folder to write lora.safetensors and metadata.json into")
     args = p.parse_args(argv)
-    from .common import main as run_main
+    from .steps.common import main as run_main
 
     return run_main("lora-registry", lambda _argv: get_lora(args.ref, args.out), None)
 
