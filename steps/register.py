@@ -170,7 +170,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(
                 f"--promotion-metric={args.promotion_metric!r}: the evaluation has no such metric (has {sorted(metrics)})"
             )
-        tracker = start_step(
+        with start_step(
             STEP,
             args.run_id,
             args.experiment,
@@ -181,8 +181,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 "clip_t_tolerance": args.clip_t_tolerance,
             },
             required=True,
-        )
-        try:
+        ) as tracker:
             client = tracker.client
             try:
                 client.create_registered_model(name)
@@ -196,10 +195,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 mv = _create_version(tracker, client, args, manifest, best, metrics, evaluation.sha256, Path(tmp))
             alias, reason = _apply_decision(client, name, mv, args.promotion_metric, args.clip_t_tolerance)
             tracker.set_tags({"model_name": name, "model_version": mv.version, "alias": alias})
-            tracker.end()
-        except BaseException:
-            tracker.end("FAILED")
-            raise
     return {
         "step": STEP,
         "run_id": args.run_id,
