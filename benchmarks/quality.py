@@ -140,6 +140,8 @@ def parse_args(argv=None):
     p.add_argument("--recipes", nargs="+", default=[*RECIPES, *BASELINES])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=RecipeConfig.steps)
+    p.add_argument("--inversion-share", type=float, default=RecipeConfig.inversion_share,
+                   help="share of the steps pivotal tuning spends on inversion")  # fmt: skip
     p.add_argument("--concept-seeds", type=int, default=20, help="images per colour (5 colours)")
     p.add_argument("--known-seeds", type=int, default=4, help="images per known prompt (25 prompts)")
     p.add_argument("--extras", nargs="*", default=["distill", "resize", "merge"])
@@ -181,7 +183,8 @@ def main(argv=None) -> dict:
             for seed in args.seeds:
                 work = out / "runs" / name / recipe / f"seed{seed}"
                 data = write_concept_dataset(name, work / "data", seed=seed)
-                cfg = RecipeConfig(steps=args.steps, seed=seed, token="<s2>" if name == "star" else "<s1>")
+                cfg = RecipeConfig(steps=args.steps, seed=seed, token="<s2>" if name == "star" else "<s1>",
+                                   inversion_share=args.inversion_share)  # fmt: skip
                 t0 = time.monotonic()
                 if recipe in BASELINES:
                     tuned = train_baseline(recipe, concept, data, work, model, cfg)

@@ -102,3 +102,11 @@ def test_evaluate_reports_the_classifier_metrics(trained, tmp_path):
     assert lora["clip_i"] > base["clip_i"] and lora["dino"] > base["dino"]  # closer to the instance images
     assert "CLASSIFIER" in result.comparison_table.read_text()
     assert result.best["metric"] == "classifier" and result.sweep_grid.is_file()
+
+
+def test_pivotal_tuning_splits_its_budget_by_the_inversion_share():
+    assert RecipeConfig().pti_steps() == (800, 800)  # what the demo and the benchmark run by default
+    assert RecipeConfig(inversion_share=0.75).pti_steps() == (1200, 400)
+    assert RecipeConfig(steps=2, inversion_share=0.99).pti_steps() == (1, 1)  # each phase keeps a step
+    with pytest.raises(ValueError, match="inversion_share"):
+        RecipeConfig(inversion_share=1.0)

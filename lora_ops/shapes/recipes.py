@@ -2,7 +2,7 @@
 
 - "ti": textual inversion alone (PTI phase 1 only);
 - "lora": LoRA alone (PTI phase 2 only, the token starting from the initializer word and not trained);
-- "pti": pivotal tuning, half the steps inversion, half LoRA;
+- "pti": pivotal tuning, `inversion_share` of the steps inversion (default half), the rest LoRA;
 - "pti_extended": the same with extended LoRA (the ResNet convolutions too);
 - "dreambooth": DreamBooth LoRA with a fixed instance prompt ("a sks circle");
 - "dreambooth_prior": the same with prior preservation on base-generated class images ("a circle").
@@ -31,6 +31,7 @@ class RecipeConfig:
 
     Args:
         steps: optimizer steps in all (pivotal tuning splits them between its two phases).
+        inversion_share: the share of `steps` pivotal tuning spends on inversion (phase 1), the rest on LoRA.
         rank: LoRA rank.
         batch_size: images per step.
         learning_rate_ti / learning_rate_unet / learning_rate_text: token, UNet LoRA and text-encoder LoRA
@@ -46,6 +47,7 @@ class RecipeConfig:
     """
 
     steps: int = 1600
+    inversion_share: float = 0.5
     rank: int = 4
     batch_size: int = 4
     learning_rate_ti: float = 5e-3
@@ -61,10 +63,17 @@ class RecipeConfig:
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 2:
             raise ValueError(f"steps={self.steps!r} must be an integer >= 2")
+        if not 0.0 < self.inversion_share < 1.0:
+            raise ValueError(f"inversion_share={self.inversion_share!r} must be in (0, 1)")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank={self.rank!r} must be a positive integer")
         if not isinstance(self.prior_per_concept, int) or self.prior_per_concept < 0:
             raise ValueError(f"prior_per_concept={self.prior_per_concept!r} must be an integer >= 0")
+
+    def pti_steps(self) -> tuple[int, int]:
+        """(inversion steps, LoRA steps) of pivotal tuning: `steps` split by `inversion_share`, one at least each."""
+        first = max(1, min(self.steps - 1, round(self.steps * self.inversion_share)))
+        return first, self.steps - first
 
 
 def token_for(recipe: str, config: RecipeConfig | None = None) -> str:
@@ -122,9 +131,9 @@ def train_recipe(
         db = DreamBoothConfig(**shared, instance_prompt=prompt, max_train_steps=cfg.steps, lr_scheduler="constant",
                               **extra)  # fmt: skip
         return train_dreambooth(db).path
-    half = cfg.steps // 2
-    steps_ti = {"ti": cfg.steps, "lora": 0}.get(recipe, half)
-    steps_lora = {"ti": 0, "lora": cfg.steps}.get(recipe, cfg.steps - half)
+    inversion, tuning = cfg.pti_steps()
+    steps_ti = {"ti": cfg.steps, "lora": 0}.get(recipe, inversion)
+    steps_lora = {"ti": 0, "lora": cfg.steps}.get(recipe, tuning)
     prior = None
     if cfg.prior_per_concept and steps_lora:
         from .world import write_prior_dataset
