@@ -26,10 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .captioning import check_model_source
-from .image_files import INPUT_SUFFIXES, list_images, load_image
 from .images import make_grid, save_gif
 from .lora_file import load_lora
-from .metrics import ClipScorer, DinoScorer, clip_t, mean_similarity
+from .metrics import ImageScores
 from .models import load_pipeline
 from .outputs import check_output, prepare_output, publish_output
 from .precision import torch_dtype
@@ -218,62 +217,6 @@ def _fill(template: str, token: str, learned: Sequence[str], class_word: str) ->
     return " ".join(prompt.split()), " ".join(text.split())
 
 
-class _Scores:
-    """Scores generated images against prompts and instance images."""
-
-    def __init__(self, cfg: EvaluateConfig, dtype: torch.dtype):
-        self.clip = ClipScorer(cfg.clip_model, cfg.device, dtype)
-        self.dino = DinoScorer(cfg.dino_model, cfg.device, dtype) if cfg.dino_model else None
-        self.classifier = self.target = None
-        if cfg.classifier_model is not None:
-            from .shapes.evaluator import ShapesEvaluator
-
-            self.classifier = ShapesEvaluator.from_pretrained(cfg.classifier_model, cfg.device)
-            if cfg.classifier_target is not None:
-                head, _, label = cfg.classifier_target.partition("=")
-                if label not in self.classifier.labels(head):
-                    raise ValueError(
-                        f"classifier_target={cfg.classifier_target!r}: {label!r} is not a {head} of the classifier "
-                        f"({self.classifier.labels(head)})"
-                    )
-                self.target = (head, label)
-        self.instance_clip = self.instance_dino = None
-        if cfg.instance_dir is not None:
-            files = list_images(cfg.instance_dir, INPUT_SUFFIXES)
-            if not files:
-                raise ValueError(f"instance_dir={str(cfg.instance_dir)!r} holds no images")
-            instances = [load_image(p) for p in files]
-            self.instance_clip = self.clip.image_embeds(instances)
-            self.instance_dino = self.dino.image_embeds(instances) if self.dino else None
-            self.instance_count = len(instances)
-
-    def __call__(self, images, texts) -> dict[str, list[float]]:
-        embeds = self.clip.image_embeds(images)
-        out = {"clip_t": clip_t(embeds, self.clip.text_embeds(texts)).tolist()}
-        if self.instance_clip is not None:
-            out["clip_i"] = mean_similarity(embeds, self.instance_clip).tolist()
-        if self.instance_dino is not None:
-            out["dino"] = mean_similarity(self.dino.image_embeds(images), self.instance_dino).tolist()
-        if self.classifier is not None:
-            preds = self.classifier.classify(images)
-            if self.target is not None:
-                head, label = self.target
-                out["classifier"] = [float(p[head] == label) for p in preds]
-            out["classifier_prompt"] = [self._prompt_right(p, t) for p, t in zip(preds, texts, strict=True)]
-        return out
-
-    def _prompt_right(self, pred: dict[str, str], text: str) -> float:
-        """1.0 when every label the text names (other than the target's head) is what the classifier sees."""
-        words = set(re.findall(r"[a-z]+", text.lower()))
-        for head in ("shape", "colour", "style"):
-            if self.target is not None and head == self.target[0]:
-                continue
-            named = [label for label in self.classifier.labels(head) if label in words]
-            if named and pred[head] not in named:
-                return 0.0
-        return 1.0
-
-
 def _summarize(prompts: Sequence[str], seeds: Sequence[int], values: dict[str, list[float]]) -> dict:
     """Per-prompt means (over seeds) and the overall mean of each metric; values are prompt-major."""
     per_prompt = {}
@@ -333,7 +276,15 @@ def evaluate_loras(config: EvaluateConfig) -> EvaluationResult:
     learned = sorted({t for lora in loras for t in lora.tokens})
     inputs = {"loras": cfg.loras, "model": cfg.model, "classifier_model": cfg.classifier_model}
     check_output(cfg.output_dir, cfg.overwrite, "metrics.json", inputs)  # refuse before loading models
-    scores = _Scores(cfg, dtype)
+    scores = ImageScores(
+        cfg.clip_model,
+        cfg.dino_model,
+        cfg.device,
+        dtype,
+        classifier_model=cfg.classifier_model,
+        classifier_target=cfg.classifier_target,
+        instance_dir=cfg.instance_dir,
+    )
     pipe = load_pipeline(cfg.model, "text2img", cfg.device, dtype)
     staging = prepare_output(cfg.output_dir, cfg.overwrite, "metrics.json", inputs)
 
