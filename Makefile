@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= train,preprocess,pipeline,airflow,deploy,dev
 OUT ?= out
 
-.PHONY: install test test-fast lint format demo demo-library bench bench-quality load-check shapes-pretrain up down airflow images clean
+.PHONY: install browser test test-fast lint format demo demo-library bench bench-quality load-check shapes-pretrain up down airflow images clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,15 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: $(STAMP) lint
+# the browser tests (tests/test_airflow_ui.py) drive Debian's chromium: installed here when it is missing
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
+		echo "installing Debian's chromium for the browser tests (apt-get)"; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+
+test: $(STAMP) lint browser
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 # the quick subset for development: no end-to-end Airflow runs (CI runs everything: make test)

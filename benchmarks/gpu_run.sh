@@ -32,7 +32,7 @@ if ! "$PY" -c "import diffusers" 2>/dev/null; then
     fi
     "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" diffusers
 fi
-PYTHONPATH=. "$PY" -c "import lora_ops.training" || { echo "a package lora_ops needs is missing (above)" >&2; exit 2; }
+PYTHONPATH=. "$PY" -c "import lora_ops.training.pti" || { echo "a package lora_ops needs is missing (above)" >&2; exit 2; }
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
 
 BENCH=("$PY" benchmarks/train_speed.py --arch sd15 --device cuda --resolution 512 --rank 4)

@@ -6,7 +6,7 @@ In one process, with the same model shape, resolution, batch, rank and precision
       eager;
   (b) full: a full fine-tune step (the DreamBooth baseline): every UNet weight trains, fp32 master
       weights, autocast, AdamW, eager;
-  (c) the project's trainer (`lora_ops.training.train_pti`, its defaults) through its real code path, both
+  (c) the project's trainer (`lora_ops.train_pti`, its defaults) through its real code path, both
       phases: inversion (token rows, gradients through the text encoder) and tuning (LoRA).
 Warm-up steps (compilation included) are timed apart from the steady steps; the step time is the median.
 Peak memory is torch.cuda.max_memory_allocated on CUDA ("n/a" on CPU, where the process RSS is not a

@@ -12,15 +12,16 @@ import json
 import os
 from typing import Any
 
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Asset, Param, task
+from lora_pipeline_tasks import ExecutorConfig, step_task
 
 BUCKET = os.environ.get("LORA_PIPELINE_BUCKET", "").strip() or "lora-pipeline"
 # Any change to a dataset (an upload tool, a producer DAG, the REST API) is an event on this asset;
 # the event's extra names the subject: {"subject": "dog", "dataset_uri": "s3://.../datasets/dog/"}.
 DATASETS = Asset(name="lora_datasets", uri=f"s3://{BUCKET}/datasets/")
-SUBJECT_PATTERN = (
-    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$"  # the form's check; the same as lora_pipeline.steps.scan's (tested)
-)
+# the form's check of a subject name; the same as the scan step's (tested)
+SUBJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$"
 
 
 def scan_arguments(
@@ -64,9 +65,6 @@ def subject_run_params() -> dict[str, Param]:
 def finetune_changed_subjects(scan_flags, parallelism: int):
     """The tasks after the scan flags: the `scan` step, the confs it chose, and one `lora_finetune` run per conf
     (triggered and waited for, at most `parallelism` at a time). Returns the trigger task."""
-    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-    from lora_pipeline_tasks import ExecutorConfig, step_task
-
     scan = step_task("scan", scan_flags, config=ExecutorConfig.from_env())
 
     @task

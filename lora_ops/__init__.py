@@ -16,7 +16,7 @@ _EXPORTS = {
     "export_diffusers": "diffusers_export",
     "DistillConfig": "distill",
     "distill": "distill",
-    "train_dreambooth": "training",
+    "train_dreambooth": "training.dreambooth",
     "EvaluateConfig": "evaluate",
     "EvaluationResult": "evaluate",
     "evaluate_loras": "evaluate",
@@ -68,12 +68,12 @@ _EXPORTS = {
     "init_token_embeddings": "tokens",
     "parse_tokens": "tokens",
     "read_token_embeddings": "tokens",
-    "run_inversion": "training",
-    "run_tuning": "training",
-    "train_pti": "training",
-    "DreamBoothConfig": "training",
-    "PTIConfig": "training",
-    "TrainResult": "training",
+    "run_inversion": "training.pti",
+    "run_tuning": "training.pti",
+    "train_pti": "training.pti",
+    "DreamBoothConfig": "training.config",
+    "PTIConfig": "training.config",
+    "TrainResult": "training.loop",
 }
 
 

@@ -7,36 +7,11 @@
 - `objective`: the loss of one micro-batch and the loss measured on a dataset;
 - `compile`: the compiled UNet with its eager fallback;
 - `lora`: adapters injected for training and the native file of a run's state;
+- `token_rows`: the embedding table with only the new tokens' rows trained (phase 1);
 - `loop`: one optimisation phase (`run_phase`), shared by the trainers;
 - `checkpoints`: resumable checkpoints;
 - `pti`, `dreambooth`: the trainers.
+
+The public names (`train_pti`, `run_inversion`, `run_tuning`, `train_dreambooth`, `PTIConfig`,
+`DreamBoothConfig`, `TrainResult`) are `lora_ops`'s, imported on first use.
 """
-
-# imported on first use (PEP 562): `lora_ops.training.config` alone (the CLI's parsers) needs no torch
-import importlib as _importlib
-
-_EXPORTS = {
-    "DreamBoothConfig": "config",
-    "PTIConfig": "config",
-    "TrainConfig": "config",
-    "load_config_file": "config",
-    "train_dreambooth": "dreambooth",
-    "TrainResult": "loop",
-    "run_inversion": "pti",
-    "run_tuning": "pti",
-    "train_pti": "pti",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))

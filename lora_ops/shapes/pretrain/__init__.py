@@ -40,7 +40,7 @@ from .clip import check_clip, train_clip
 from .config import COMPONENTS, PretrainConfig
 from .dino import train_dino
 from .judge import check_evaluator, train_evaluator
-from .unet import _tokenizer, save_pipeline, train_unet
+from .unet import make_tokenizer, save_pipeline, train_unet
 from .vae import train_vae
 
 __all__ = ["COMPONENTS", "PretrainConfig", "check_clip", "check_evaluator", "pretrain"]
@@ -95,7 +95,7 @@ def pretrain(config: PretrainConfig, command: str = "") -> Path:
             shutil.copytree(out / part, staging / part)
 
     try:
-        tokenizer = _tokenizer(staging / ".tokenizer")
+        tokenizer = make_tokenizer(staging / ".tokenizer")
         if "vae" in cfg.components:
             vae = build("vae", train_vae, cfg)
         else:

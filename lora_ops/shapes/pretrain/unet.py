@@ -16,7 +16,8 @@ from .config import SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, VOCAB_SIZE, Pret
 from .data import cosine_lr, progress_bar, to_tensor
 
 
-def _tokenizer(directory: Path):
+def make_tokenizer(directory: Path):
+    """The world's byte-level CLIP tokenizer, written to `directory` and loaded from it."""
     from transformers import CLIPTokenizer
 
     write_byte_level_tokenizer(directory, VOCAB_SIZE)
