@@ -215,7 +215,7 @@ def project_trainer(args, model_dir: Path, data: Path, work: Path, device: torch
         warm = ts[args.warmup - 1] - (ts[-1] - loop_s)  # loop start to the end of warm-up (compile included)
         row = summarize(label, times, warm, args.batch, device, {"peak_gib": peaks.get(phase)})
         row["compiled"] = bool(result.metrics.get(f"{phase}/compiled", 0.0))
-        row["compile_mode"] = resolve_compile(config.compile, device)
+        row["compile_mode"] = resolve_compile(config.compute.compile, device)
         rows.append(row)
     rows[0]["total_run_s"] = time.perf_counter() - began
     return rows
@@ -275,7 +275,7 @@ def pti_e2e(args, model_dir: Path, data: Path, work: Path, device: torch.device)
         "inversion_loop_s": inv,
         "tuning_loop_s": tun,
         "other_s (loading, latent caching, checkpoints, saving)": total - inv - tun,
-        "compile_mode": resolve_compile(config.compile, device),
+        "compile_mode": resolve_compile(config.compute.compile, device),
         "checkpoints": len(result.checkpoints),
     }
 

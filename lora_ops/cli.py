@@ -90,7 +90,7 @@ def _file_keys(args: argparse.Namespace) -> frozenset[str]:
     if not getattr(args, "config", None):
         return frozenset()
     try:
-        from .training.config import load_config_file
+        from .training.options import load_config_file
 
         return frozenset(load_config_file(args.config))
     except (OSError, ValueError):

@@ -77,24 +77,24 @@ def test_every_subcommand_help_ends_with_examples_that_parse():
 
 
 def test_train_options_help_comes_from_the_fields_with_defaults():
-    import dataclasses
-
     from lora_ops.cli import build_parser
     from lora_ops.commands.train import show_default
-    from lora_ops.training.config import DreamBoothConfig, PTIConfig, help_text
+    from lora_ops.training.config import DreamBoothConfig, PTIConfig
+    from lora_ops.training.options import options
 
     parser = build_parser()
     for cls, trainer in ((PTIConfig, "pti"), (DreamBoothConfig, "dreambooth")):
-        helps = {f.name: help_text(f) for f in dataclasses.fields(cls)}
+        helps = {o.name: o.help for o in options(cls)}
+        assert len(helps) == len(options(cls)), "two options share a flat name"
         assert all(len(h) > 10 for h in helps.values()), [n for n, h in helps.items() if len(h) <= 10]
         repeated = {h for h in helps.values() if list(helps.values()).count(h) > 1}
         assert not repeated, f"{cls.__name__}: help copied between options: {repeated}"
         sub = next(p for path, p in _parsers(parser) if path[1:] == ("train", trainer))
         actions = {a.dest: a for a in sub._actions}
-        for f in dataclasses.fields(cls):
-            assert actions[f.name].help.startswith(helps[f.name].replace("%", "%%")), f.name
-            if f.default != "":
-                assert actions[f.name].help.endswith(f"(default: {show_default(f.default)})"), f.name
+        for o in options(cls):
+            assert actions[o.name].help.startswith(helps[o.name].replace("%", "%%")), o.name
+            if o.default != "":
+                assert actions[o.name].help.endswith(f"(default: {show_default(o.default)})"), o.name
     text = " ".join(next(p for path, p in _parsers(parser) if path[1:] == ("train", "pti")).format_help().split())
     assert "--lora_rank LORA_RANK, --lora-rank LORA_RANK rank r of the LoRA adapters (default: 4)" in text
     assert "--max_train_steps_ti MAX_TRAIN_STEPS_TI, --max-train-steps-ti MAX_TRAIN_STEPS_TI optimizer steps of phase 1" in text  # fmt: skip
@@ -107,8 +107,11 @@ def test_training_docs_tables_match_the_field_metadata():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     assert render_docs(doc) == doc, "docs/training.md is stale: python -m lora_ops.commands.train docs/training.md"
-    assert "| `--lora_rank` | `4` | rank r of the LoRA adapters. |" in docs_tables()["shared"]
-    assert "| `--continue_inversion_lr` | `none` | learning rate of the tokens in phase 2" in docs_tables()["pti"]
+    assert "| `--lora_rank` | `lora.r` | `4` | rank r of the LoRA adapters. |" in docs_tables()["lora"]
+    assert (
+        "| `--continue_inversion_lr` | `continue_inversion_lr` | `none` | learning rate of the tokens in phase 2"
+        in docs_tables()["pti"]
+    )
 
 
 def test_device_defaults_to_auto_everywhere(monkeypatch):

@@ -193,8 +193,8 @@ def test_lora_pti_runs_the_readme_command(work):
     assert all(m.r == 1 for m in lora.unet.values())
     saved = lora.metadata["training_config"]
     assert saved["use_template"] == "style" and saved["continue_inversion"] is True
-    assert saved["continue_inversion_lr"] == 1e-4 and saved["scale_lr"] and saved["color_jitter"]
-    assert saved["gradient_accumulation_steps"] == 4 and saved["lr_scheduler"] == "linear"
+    assert saved["continue_inversion_lr"] == 1e-4 and saved["optim"]["scale_lr"] and saved["data"]["color_jitter"]
+    assert saved["optim"]["gradient_accumulation_steps"] == 4 and saved["optim"]["lr_scheduler"] == "linear"
 
 
 # ----------------------------------------------------------------------------- the translations, flag by flag

@@ -106,7 +106,7 @@ def test_training_lowers_the_loss_on_the_training_images(evidence, tiny_model):
     assert m["tuning/eval_loss_after"] < m["tuning/eval_loss_before"]
     # the saved file alone reproduces the trained model's loss (tokens + LoRA loaded into a fresh pipeline)
     pipe = load_pipeline(tiny_model)
-    dataset = ImageDataset(DatasetConfig(config.instance_data_dir, 32, ["<s1>", "<s2>"], template="object"))
+    dataset = ImageDataset(DatasetConfig(config.runtime.instance_data_dir, 32, ["<s1>", "<s2>"], template="object"))
     patch_pipeline(pipe, result.path)
     assert measure_loss(pipe, dataset, config.seed, 4) == pytest.approx(after, rel=1e-4)
     # progress reports: one per step, both phases, with loss and lr
@@ -123,7 +123,7 @@ def test_output_file_holds_tokens_lora_and_config(evidence):
     assert lora.unet and not lora.text_encoder
     # phase 2 moved the LoRA weights (lora_B starts at zero)
     assert all(m.lora_B.abs().max() > 0 for m in lora.unet.values())
-    assert lora.metadata["base_model"] == str(config.pretrained_model_name_or_path)
+    assert lora.metadata["base_model"] == str(config.runtime.pretrained_model_name_or_path)
     saved = lora.metadata["training_config"]
     assert saved["placeholder_tokens"] == "<s1>|<s2>" and saved["max_train_steps_ti"] == 50
     assert saved["trainer"] == "pti"
@@ -272,7 +272,7 @@ def test_config_validation_names_the_bad_option(tiny_model, tmp_path):
             PTIConfig(**{**ok, **bad})
     with pytest.raises(ValueError, match="unknown PTIConfig option"):
         PTIConfig.from_dict({**ok, "lora_rnak": 2})
-    assert PTIConfig.from_dict({**ok, "use_face_segmentation_condition": True}).use_masks
+    assert PTIConfig.from_dict({**ok, "use_face_segmentation_condition": True}).data.use_masks
     with pytest.raises(ValueError, match="needs a CUDA device"):
         train_pti(PTIConfig(**ok, mixed_precision="fp16", device="cpu", use_template="object"))
     if not torch.cuda.is_available():
@@ -335,7 +335,7 @@ def test_cli_runs_the_original_readme_command(tiny_model, tmp_path):
     assert lora.unet and lora.text_encoder and list(lora.tokens) == ["<s1>", "<s2>"]
     saved = lora.metadata["training_config"]
     assert saved["max_train_steps_ti"] == 2  # the flag beat the file
-    assert saved["lora_rank"] == 1 and saved["use_template"] == "style" and saved["continue_inversion"] is True
+    assert saved["lora"]["r"] == 1 and saved["use_template"] == "style" and saved["continue_inversion"] is True
     assert all(m.r == 1 for m in lora.unet.values())
 
 

@@ -171,8 +171,8 @@ def test_join_batches_weights_each_sample_by_its_share():
 def test_speed_option_defaults_and_validation(tmp_path):
     base = dict(pretrained_model_name_or_path="m", instance_data_dir="d", output_dir=str(tmp_path))
     config = PTIConfig(**base)
-    assert resolve_compile(config.compile, torch.device("cpu")) == "none"
-    assert resolve_compile(config.compile, torch.device("cuda")) == "reduce-overhead"
+    assert resolve_compile(config.compute.compile, torch.device("cpu")) == "none"
+    assert resolve_compile(config.compute.compile, torch.device("cuda")) == "reduce-overhead"
     assert resolve_accumulation(config) == "batch"
     assert resolve_accumulation(PTIConfig(**base, lora_dropout_p=0.1)) == "loop"
     assert resolve_accumulation(PTIConfig(**base, gradient_checkpointing=True)) == "loop"

@@ -1,19 +1,19 @@
 """`lora-ops train pti|dreambooth`: train a LoRA from flags and/or a YAML/JSON config file.
 
-Every option of `PTIConfig` / `DreamBoothConfig` is a flag spelled as the original `lora_pti` flag
-(`--placeholder_tokens="<s1>|<s2>"`; `--placeholder-tokens` works too). Boolean flags take an optional
+Every option of `PTIConfig` / `DreamBoothConfig` is a flag spelled as the original `lora_pti` flag, its flat
+name (`--placeholder_tokens="<s1>|<s2>"`, `--lora_rank` for `lora.r`; `--placeholder-tokens` works too). Boolean flags take an optional
 value (`--clip_ti_decay`, `--perform_inversion=True`, `--color_jitter=false`). Flags override the file.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import types
 import typing
 
-from ..training.config import ALIASES, DreamBoothConfig, PTIConfig, TrainConfig, help_text, load_config_file
+from ..training.config import ALIASES, SECTIONS, DreamBoothConfig, PTIConfig, TrainConfig
+from ..training.options import Option, load_config_file, options
 from . import examples, resolve_device
 
 _TRUE = {"1", "true", "yes", "on", "y"}
@@ -46,27 +46,30 @@ def show_default(value) -> str:
     return str(value)
 
 
-def _flag_help(f: dataclasses.Field) -> str:
-    text = help_text(f)
-    if f.default != "" or "(required)" not in text:
-        text += f" (default: {show_default(f.default)})"
+def _flag_help(o: Option) -> str:
+    text = o.help
+    if o.default != "" or "(required)" not in text:
+        text += f" (default: {show_default(o.default)})"
     return text.replace("%", "%%")
 
 
+def _unwrap(kind):
+    """(the type inside `X | None`, whether None is allowed)."""
+    args = typing.get_args(kind)
+    optional = (typing.get_origin(kind) in (typing.Union, types.UnionType)) and type(None) in args
+    return (next(a for a in args if a is not type(None)) if optional else kind), optional
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field, its help from the field's metadata (default: not given, so the config
-    file's value stays)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
+    """One flag per option, by its flat name, its help from the field's metadata (default: not given, so the
+    config file's value stays)."""
+    for o in options(cls):
+        if not o.field.init:
             continue
-        kind = hints[f.name]
-        args = typing.get_args(kind)
-        optional = (typing.get_origin(kind) in (typing.Union, types.UnionType)) and type(None) in args
-        inner = next(a for a in args if a is not type(None)) if optional else kind
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        names += [f"--{alias}" for alias, target in ALIASES.items() if target == f.name]
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": _flag_help(f)}
+        inner, optional = _unwrap(o.type)
+        names = [f"--{o.name}"] + ([f"--{o.name.replace('_', '-')}"] if "_" in o.name else [])
+        names += [f"--{alias}" for alias, target in ALIASES.items() if target == o.name]
+        kwargs: dict = {"dest": o.name, "default": argparse.SUPPRESS, "help": _flag_help(o)}
         origin = typing.get_origin(inner)
         if inner is bool:
             kwargs.update(nargs="?", const=True, type=_bool, metavar="BOOL")
@@ -82,22 +85,22 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument(*names, **kwargs)
 
 
-def options_table(cls, fields: list[str] | None = None) -> str:
-    """The markdown table of docs/training.md for `cls` (only `fields`, when given), from the same metadata."""
-    hints = typing.get_type_hints(cls)
-    rows = ["| option | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(cls):
-        if fields is not None and f.name not in fields:
+def options_table(cls, sections: tuple[str, ...] | None = None, shared: bool = True) -> str:
+    """The markdown table of docs/training.md for `cls` from the same metadata: the options of `sections`
+    (their names; `""` is the config's own options), and without `shared`, only those `TrainConfig` lacks."""
+    common = {o.key for o in options(TrainConfig)}
+    rows = ["| option | config key | default | meaning |", "|---|---|---|---|"]
+    for o in options(cls):
+        if (sections is not None and o.section not in sections) or (not shared and o.key in common):
             continue
-        values = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
-        if values and typing.get_origin(values[0]) is typing.Literal:
-            values = typing.get_args(values[0])
-        choices = ", ".join(f"`{v}`" for v in values) if all(isinstance(v, str) for v in values) and values else ""
-        if all(f"`{v}`" in help_text(f) for v in values):  # the help names them already
+        inner, _ = _unwrap(o.type)
+        values = typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else ()
+        choices = ", ".join(f"`{v}`" for v in values) if all(isinstance(v, str) for v in values) else ""
+        if all(f"`{v}`" in o.help for v in values):  # the help names them already
             choices = ""
-        meaning = help_text(f) + (f"; one of {choices}" if choices else "") + "."
-        default = "" if f.default == "" else f"`{show_default(f.default)}`"
-        rows.append(f"| `--{f.name}` | {default} | {meaning} |")
+        meaning = o.help + (f"; one of {choices}" if choices else "") + "."
+        default = "" if o.default == "" else f"`{show_default(o.default)}`"
+        rows.append(f"| `--{o.name}` | `{o.key}` | {default} | {meaning} |")
     return "\n".join(row if i < 2 else _escape_pipes(row) for i, row in enumerate(rows)) + "\n"
 
 
@@ -108,15 +111,11 @@ def _escape_pipes(row: str) -> str:
 
 
 def docs_tables() -> dict[str, str]:
-    """{marker: table} for the option tables in docs/training.md."""
-    shared = [f.name for f in dataclasses.fields(TrainConfig)]
-    return {
-        "shared": options_table(TrainConfig),
-        "pti": options_table(PTIConfig, [f.name for f in dataclasses.fields(PTIConfig) if f.name not in shared]),
-        "dreambooth": options_table(
-            DreamBoothConfig, [f.name for f in dataclasses.fields(DreamBoothConfig) if f.name not in shared]
-        ),
-    }
+    """{marker: table} for the option tables in docs/training.md: one per section, then each trainer's own."""
+    tables = {name or "shared": options_table(TrainConfig, (name,)) for name in ("", *SECTIONS)}
+    tables["pti"] = options_table(PTIConfig, shared=False)
+    tables["dreambooth"] = options_table(DreamBoothConfig, shared=False)
+    return tables
 
 
 def render_docs(text: str) -> str:
@@ -129,9 +128,9 @@ def render_docs(text: str) -> str:
 
 
 def build_config(cls, args: argparse.Namespace):
-    """The config from `--config` (if any) with the flags given on the command line on top."""
+    """The config from `--config` (if any, flat or nested) with the flags given on the command line on top."""
     values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {o.name for o in options(cls)}
     for key, value in vars(args).items():
         if key in names:
             values[ALIASES.get(key, key)] = None if value == "none" else value
@@ -185,7 +184,7 @@ def run_pti(args) -> int:
     _compat_notes(args)
 
     config = build_config(PTIConfig, args)
-    config.device = resolve_device(config.device)
+    config.runtime.device = resolve_device(config.runtime.device)
     result = run_tuning(config, args.tokens_from) if args.tokens_from else train_pti(config)
     _report(result)
     return 0
@@ -196,7 +195,7 @@ def run_dreambooth(args) -> int:
 
     _compat_notes(args)
     config = build_config(DreamBoothConfig, args)
-    config.device = resolve_device(config.device)
+    config.runtime.device = resolve_device(config.runtime.device)
     _report(train_dreambooth(config))
     return 0
 

@@ -1,7 +1,8 @@
 """Training: pivotal tuning (textual inversion, then LoRA) and DreamBooth LoRA, one concept per module.
 
-- `config`: the options of every trainer (`TrainConfig`, `PTIConfig`, `DreamBoothConfig`; runtime options
-  are the ones that may change on resume);
+- `config`: the options of every trainer (`PTIConfig`, `DreamBoothConfig`: the recipe's own options and the
+  sections `data`, `lora`, `optim`, `compute`, `runtime`; the runtime section alone may change on resume);
+- `options`: how a config is built: help text, sections, flat names (the original flags), checks, files;
 - `trainee`: the base model loaded for training, and how pixels and prompts become UNet inputs;
 - `batches`: sources of images drawn into micro-batches;
 - `objective`: the loss of one micro-batch and the loss measured on a dataset;

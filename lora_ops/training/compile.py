@@ -16,7 +16,7 @@ def resolve_compile(mode: str, device: torch.device) -> str:
 class CompiledUNet:
     """The UNet's forward under `torch.compile`, falling back to eager (with a warning) if compiling fails.
 
-    `mode` is a `TrainConfig.compile` mode other than "auto"/"none"; "trace" uses the "aot_eager" backend
+    `mode` is a `ComputeSection.compile` mode other than "auto"/"none"; "trace" uses the "aot_eager" backend
     (graphs captured through dynamo and AOTAutograd, kernels eager).
     """
 

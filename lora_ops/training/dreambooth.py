@@ -31,7 +31,7 @@ def generate_class_images(trainee: Trainee, config: DreamBoothConfig) -> int:
     Each image is written to a hidden temporary name and renamed, so an interrupted run leaves only
     complete images; a rerun generates only what is still missing (seeded by the image's index).
     """
-    directory = Path(config.class_data_dir)
+    directory = Path(config.runtime.class_data_dir)
     directory.mkdir(parents=True, exist_ok=True)
     have = len(list_images(directory))
     missing = config.num_class_images - have
@@ -39,14 +39,14 @@ def generate_class_images(trainee: Trainee, config: DreamBoothConfig) -> int:
         return 0
     pipe = trainee.pipe
     start = have
-    bar = tqdm(total=missing, desc="class images", disable=not config.progress, leave=False)
+    bar = tqdm(total=missing, desc="class images", disable=not config.runtime.progress, leave=False)
     for first in range(start, config.num_class_images, config.sample_batch_size):
         count = min(config.sample_batch_size, config.num_class_images - first)
         generators = [torch.Generator().manual_seed(config.seed + 100_000 + first + k) for k in range(count)]
         images = pipe(
             [config.class_prompt] * count,
-            height=config.resolution,
-            width=config.resolution,
+            height=config.data.resolution,
+            width=config.data.resolution,
             num_inference_steps=config.class_inference_steps,
             generator=generators,
         ).images
@@ -62,8 +62,8 @@ def generate_class_images(trainee: Trainee, config: DreamBoothConfig) -> int:
 
 def train_dreambooth(config: DreamBoothConfig, callback: Callback | None = None) -> TrainResult:
     """Train UNet LoRA (and optionally text-encoder LoRA) DreamBooth-style; writes the native file."""
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    resume_path = resolve_resume(config.resume, config.output_dir)
+    Path(config.runtime.output_dir).mkdir(parents=True, exist_ok=True)
+    resume_path = resolve_resume(config.runtime.resume, config.runtime.output_dir)
     state = load_checkpoint(resume_path) if resume_path is not None else None
     if state is not None and state["phase"] != "dreambooth":
         raise ValueError(f"resume: {resume_path} is a {state['phase']!r} checkpoint, not a DreamBooth one")
@@ -74,21 +74,23 @@ def train_dreambooth(config: DreamBoothConfig, callback: Callback | None = None)
         return ImageDataset(
             DatasetConfig(
                 data_dir=directory,
-                resolution=config.resolution,
+                resolution=config.data.resolution,
                 prompt=prompt,
-                crop=config.crop,
-                flip=config.horizontal_flip,
-                color_jitter=config.color_jitter,
+                crop=config.data.crop,
+                flip=config.data.horizontal_flip,
+                color_jitter=config.data.color_jitter,
                 use_masks=use_masks,
-                on_bad_files=config.on_bad_files,
+                on_bad_files=config.data.on_bad_files,
             )
         )
 
-    sources = [Source(dataset(config.instance_data_dir, config.instance_prompt, config.use_masks))]
+    sources = [Source(dataset(config.runtime.instance_data_dir, config.instance_prompt, config.data.use_masks))]
     generated = 0
     if config.with_prior_preservation:
         generated = generate_class_images(trainee, config)
-        sources.append(Source(dataset(config.class_data_dir, config.class_prompt, False), config.prior_loss_weight))
+        sources.append(
+            Source(dataset(config.runtime.class_data_dir, config.class_prompt, False), config.prior_loss_weight)
+        )
 
     # ---- LoRA and the training phase
     groups = inject_trainable_lora(trainee, config)
@@ -97,9 +99,9 @@ def train_dreambooth(config: DreamBoothConfig, callback: Callback | None = None)
         name="dreambooth",
         steps=config.max_train_steps,
         groups=groups,
-        lr_scheduler=config.lr_scheduler,
-        warmup=config.lr_warmup_steps,
-        text_trained=config.train_text_encoder,
+        lr_scheduler=config.optim.lr_scheduler,
+        warmup=config.optim.lr_warmup_steps,
+        text_trained=config.lora.train_text_encoder,
         unet_trained=True,
     )
     checkpoints: list[Path] = []
@@ -109,6 +111,6 @@ def train_dreambooth(config: DreamBoothConfig, callback: Callback | None = None)
     metrics["class_images_generated"] = float(generated)
 
     # ---- output
-    path = Path(config.output_dir) / f"{config.out_name}.safetensors"
-    save_lora(path, current_lora(trainee, [], None, meta), dtype=config.save_dtype)
+    path = Path(config.runtime.output_dir) / f"{config.runtime.out_name}.safetensors"
+    save_lora(path, current_lora(trainee, [], None, meta), dtype=config.runtime.save_dtype)
     return TrainResult(path, metrics, checkpoints)

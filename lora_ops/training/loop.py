@@ -1,7 +1,7 @@
 """The optimisation loop shared by every trainer: one `Phase` of named parameter groups trained on `Source`s.
 
 `run_phase` seeds its own generators, caches what does not change, writes resumable checkpoints and
-resumes from one exactly (`TrainConfig` fields marked runtime may change on resume; nothing else may).
+resumes from one exactly (the options of `TrainConfig.runtime` may change on resume; nothing else may).
 The trainers are `lora_ops.training.pti` (pivotal tuning) and `lora_ops.training.dreambooth`.
 """
 
@@ -25,8 +25,9 @@ from ..losses import clip_ti_decay_, mask_weights
 from .batches import Source, build_batch, cache_latents, join_batches
 from .checkpoints import PHASES, global_rng_state, save_checkpoint, set_global_rng_state
 from .compile import CompiledUNet, resolve_compile
-from .config import TrainConfig, resumable_config, resume_changes
+from .config import TrainConfig
 from .objective import measure_loss, train_step
+from .options import resumable_config, resume_changes
 from .trainee import PromptEncoder, Trainee, cast_frozen_weights
 
 Callback = Callable[[int, dict], None]
@@ -79,10 +80,10 @@ class Phase:
 
 
 def resolve_accumulation(config: TrainConfig) -> str:
-    """ "batch" or "loop" (see `TrainConfig.accumulation`)."""
-    if config.accumulation != "auto":
-        return config.accumulation
-    return "loop" if config.lora_dropout_p > 0 or config.gradient_checkpointing else "batch"
+    """ "batch" or "loop" (see `ComputeSection.accumulation`)."""
+    if config.compute.accumulation != "auto":
+        return config.compute.accumulation
+    return "loop" if config.lora.lora_dropout > 0 or config.compute.gradient_checkpointing else "batch"
 
 
 def make_optimizer(groups: list[dict], use_8bit: bool, device: torch.device):
@@ -120,7 +121,7 @@ def run_phase(
     config, device = trainee.config, trainee.device
     phase_index = PHASES.index(phase.name)
     checkpoints = checkpoints if checkpoints is not None else []
-    accum, batch_size = config.gradient_accumulation_steps, config.train_batch_size
+    accum, batch_size = config.optim.gradient_accumulation_steps, config.optim.train_batch_size
 
     # ---- seeds: every phase starts from its own seed, so a resumed later phase matches an uninterrupted one
     phase_seed = config.seed + 1000 * phase_index
@@ -141,7 +142,7 @@ def run_phase(
     from diffusers.optimization import get_scheduler
 
     params = phase.named_params()
-    if config.cast_base_weights and trainee.autocast_dtype is not None:
+    if config.compute.cast_base_weights and trainee.autocast_dtype is not None:
         # frozen weights in the compute dtype once; trained parameters fp32 (before the optimizer sees them)
         cast_frozen_weights(trainee.unet, trainee.autocast_dtype)
         cast_frozen_weights(trainee.text_encoder, trainee.autocast_dtype)
@@ -149,7 +150,7 @@ def run_phase(
         for p in params.values():
             if p.dtype != torch.float32:
                 p.data = p.data.float()
-    optimizer = make_optimizer(phase.groups, config.use_8bit_adam, device)
+    optimizer = make_optimizer(phase.groups, config.optim.use_8bit_adam, device)
     lr_scheduler = get_scheduler(
         phase.lr_scheduler, optimizer, num_warmup_steps=phase.warmup, num_training_steps=max(phase.steps, 1)
     )
@@ -158,10 +159,10 @@ def run_phase(
     # ---- caches: VAE latents when every epoch sees the same pixels, text embeddings while the encoder is frozen
     for k, source in enumerate(sources):
         cacheable = not source.dataset.config.augments
-        if config.cached_latents == "on" or (config.cached_latents == "auto" and cacheable):
+        if config.data.cached_latents == "on" or (config.data.cached_latents == "auto" and cacheable):
             cache_latents(trainee, source, config.seed + k)
-    encode = PromptEncoder(trainee, cache=config.cache_text_embeddings and not phase.text_trained)
-    if config.gradient_checkpointing and phase.text_trained:
+    encode = PromptEncoder(trainee, cache=config.data.cache_text_embeddings and not phase.text_trained)
+    if config.compute.gradient_checkpointing and phase.text_trained:
         # non-reentrant: gradients reach LoRA and token parameters although the inputs need none
         trainee.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -201,9 +202,9 @@ def run_phase(
 
     # ---- speed: channels-last, compiled UNet, accumulation as one batch
     unet = trainee.unet
-    if config.channels_last:
+    if config.compute.channels_last:
         trainee.unet.to(memory_format=torch.channels_last)
-    compile_mode = resolve_compile(config.compile, device)
+    compile_mode = resolve_compile(config.compute.compile, device)
     compiled = CompiledUNet(trainee.unet, compile_mode, device) if compile_mode != "none" else None
     if compiled is not None:
         unet = compiled
@@ -213,10 +214,10 @@ def run_phase(
     )
 
     metrics: dict[str, float] = {}
-    if config.eval_noises and start == 0:
+    if config.runtime.eval_noises and start == 0:
         with autocast:
             metrics[f"{phase.name}/eval_loss_before"] = measure_loss(
-                trainee, sources[0].dataset, config.seed, config.eval_noises, device
+                trainee, sources[0].dataset, config.seed, config.runtime.eval_noises, device
             )
     trainee.unet.train(phase.unet_trained)
     trainee.text_encoder.train(phase.text_trained)
@@ -228,20 +229,20 @@ def run_phase(
         batch = build_batch(trainee, sources, batch_size, aug_gen, noise_gen)
         latents = batch["latents"]
         noise = torch.randn(latents.shape, generator=noise_gen)
-        if config.noise_offset:
-            noise += config.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=noise_gen)
+        if config.optim.noise_offset:
+            noise += config.optim.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=noise_gen)
         timesteps = torch.randint(0, t_count, (latents.shape[0],), generator=noise_gen)
         batch["noise"], batch["timesteps"] = noise.to(device), timesteps.to(device)
         batch["pixel_weights"] = None
         if batch["masks"] is not None:
             batch["pixel_weights"] = mask_weights(
-                batch["masks"].to(device), latents.shape[-2:], config.mask_temperature
+                batch["masks"].to(device), latents.shape[-2:], config.data.mask_temperature
             )
         return batch
 
     losses: list[float] = []
     began = time.perf_counter()
-    bar = tqdm(total=phase.steps, initial=start, desc=phase.name, disable=not config.progress, leave=False)
+    bar = tqdm(total=phase.steps, initial=start, desc=phase.name, disable=not config.runtime.progress, leave=False)
     for step in range(start, phase.steps):
         # ---- forward and backward over the micro-batches of one optimizer step (or over all of them at once)
         micro = [draw() for _ in range(accum)]
@@ -254,7 +255,7 @@ def run_phase(
             if compiled is not None:
                 compiled.step_begin()
             latents = batch["latents"]
-            if config.channels_last:
+            if config.compute.channels_last:
                 latents = latents.contiguous(memory_format=torch.channels_last)
             with autocast:
                 embeds = encode(batch["prompts"])
@@ -268,7 +269,7 @@ def run_phase(
                     batch["sample_weights"],
                     batch["pixel_weights"],
                     batch["inpaint_cond"],
-                    config.min_snr_gamma,
+                    config.optim.min_snr_gamma,
                 )
             scaled = loss / divisor
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -286,8 +287,8 @@ def run_phase(
         # ---- optimizer step: clip, step, schedule, token norm prior
         if scaler is not None:
             scaler.unscale_(optimizer)
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(all_params, config.max_grad_norm)
+        if config.optim.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(all_params, config.optim.max_grad_norm)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -308,9 +309,9 @@ def run_phase(
 
         # ---- checkpoint
         done = step + 1
-        if done % config.save_steps == 0 or done == phase.steps:
+        if done % config.runtime.save_steps == 0 or done == phase.steps:
             checkpoints.append(
-                save_checkpoint(config.output_dir, phase.name, done, lora_snapshot(), snapshot_state(done))
+                save_checkpoint(config.runtime.output_dir, phase.name, done, lora_snapshot(), snapshot_state(done))
             )
     bar.close()
 
@@ -322,9 +323,9 @@ def run_phase(
         metrics[f"{phase.name}/steps_per_second"] = len(losses) / max(metrics[f"{phase.name}/seconds"], 1e-9)
     if compiled is not None:
         metrics[f"{phase.name}/compiled"] = float(compiled.compiled is not None)
-    if config.eval_noises:
+    if config.runtime.eval_noises:
         with autocast:
             metrics[f"{phase.name}/eval_loss_after"] = measure_loss(
-                trainee, sources[0].dataset, config.seed, config.eval_noises, device
+                trainee, sources[0].dataset, config.seed, config.runtime.eval_noises, device
             )
     return metrics

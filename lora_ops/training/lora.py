@@ -15,12 +15,12 @@ from .trainee import Trainee, cast_frozen_weights
 
 
 def lora_metadata(config: TrainConfig, trainer: str, phases: list[str]) -> dict:
-    unet_targets = ("unet-extended" if config.use_extended_lora else "unet") if "lora" in phases else None
-    te_targets = "text_encoder" if config.train_text_encoder and "lora" in phases else None
-    alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
+    unet_targets = config.lora.unet_target_modules if "lora" in phases else None
+    te_targets = "text_encoder" if config.lora.train_text_encoder and "lora" in phases else None
+    alpha = config.lora.alpha
     training = {**config.to_dict(), "trainer": trainer}
     return {
-        "base_model": config.pretrained_model_name_or_path,
+        "base_model": config.runtime.pretrained_model_name_or_path,
         "targets": {"unet": unet_targets, "text_encoder": te_targets},
         "alphas": {"unet": alpha if unet_targets else None, "text_encoder": alpha if te_targets else None},
         "training_config": training,
@@ -54,29 +54,29 @@ def inject_trainable_lora(trainee: Trainee, config: TrainConfig) -> list[dict]:
     cast_frozen_weights(trainee.unet, torch.float32)
     cast_frozen_weights(trainee.text_encoder, torch.float32)
     unet_cfg = LoraConfig(
-        target_modules="unet-extended" if config.use_extended_lora else "unet",
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout_p,
+        target_modules=config.lora.unet_target_modules,
+        r=config.lora.r,
+        lora_alpha=config.lora.lora_alpha,
+        lora_dropout=config.lora.lora_dropout,
     )
     inject_lora(trainee.unet, unet_cfg)
     groups = [
         {
             "name": "unet",
             "params": {n: p for n, p in trainee.unet.named_parameters() if p.requires_grad},
-            "lr": config.scaled(config.learning_rate_unet),
-            "weight_decay": config.weight_decay_lora,
+            "lr": config.optim.scaled(config.optim.learning_rate_unet),
+            "weight_decay": config.optim.weight_decay_lora,
         }
     ]
-    if config.train_text_encoder:
+    if config.lora.train_text_encoder:
         te_cfg = dataclasses.replace(unet_cfg, target_modules="text_encoder")
         inject_lora(trainee.text_encoder, te_cfg)
         groups.append(
             {
                 "name": "text_encoder",
                 "params": {n: p for n, p in trainee.text_encoder.named_parameters() if p.requires_grad},
-                "lr": config.scaled(config.learning_rate_text),
-                "weight_decay": config.weight_decay_lora,
+                "lr": config.optim.scaled(config.optim.learning_rate_text),
+                "weight_decay": config.optim.weight_decay_lora,
             }
         )
     return groups

@@ -54,17 +54,17 @@ def _init_tokens(trainee: Trainee, tokens: list[str], initializer: str | None, s
 def _pti_dataset(config: PTIConfig, tokens: list[str]) -> ImageDataset:
     dataset = ImageDataset(
         DatasetConfig(
-            data_dir=config.instance_data_dir,
-            resolution=config.resolution,
+            data_dir=config.runtime.instance_data_dir,
+            resolution=config.data.resolution,
             placeholder_tokens=tokens,
             template=config.templates if config.templates else config.use_template,
             token_map=config.placeholder_token_at_data,
-            crop=config.crop,
-            flip=config.horizontal_flip,
-            color_jitter=config.color_jitter,
-            use_masks=config.use_masks,
-            inpainting=config.train_inpainting,
-            on_bad_files=config.on_bad_files,
+            crop=config.data.crop,
+            flip=config.data.horizontal_flip,
+            color_jitter=config.data.color_jitter,
+            use_masks=config.data.use_masks,
+            inpainting=config.data.train_inpainting,
+            on_bad_files=config.data.on_bad_files,
         )
     )
     if not any(t in p for p in dataset.all_prompts() for t in tokens):
@@ -80,12 +80,12 @@ def _prior_dataset(config: PTIConfig) -> ImageDataset:
     return ImageDataset(
         DatasetConfig(
             data_dir=config.prior_data_dir,
-            resolution=config.resolution,
+            resolution=config.data.resolution,
             template="none",
-            crop=config.crop,
-            flip=config.horizontal_flip,
-            inpainting=config.train_inpainting,
-            on_bad_files=config.on_bad_files,
+            crop=config.data.crop,
+            flip=config.data.horizontal_flip,
+            inpainting=config.data.train_inpainting,
+            on_bad_files=config.data.on_bad_files,
         )
     )
 
@@ -97,15 +97,15 @@ def inversion_phase(trainee: Trainee, token_ids: Sequence[int]) -> tuple[Phase, 
     group = {
         "name": "tokens",
         "params": {"rows": wrapper.rows},
-        "lr": config.scaled(config.learning_rate_ti),
+        "lr": config.optim.scaled(config.learning_rate_ti),
         "weight_decay": config.weight_decay_ti,
     }
     phase = Phase(
         name="inversion",
         steps=config.max_train_steps_ti,
         groups=[group],
-        lr_scheduler=config.lr_scheduler,
-        warmup=config.lr_warmup_steps,
+        lr_scheduler=config.optim.lr_scheduler,
+        warmup=config.optim.lr_warmup_steps,
         text_trained=True,
         unet_trained=False,
         token_embedding=wrapper,
@@ -115,8 +115,8 @@ def inversion_phase(trainee: Trainee, token_ids: Sequence[int]) -> tuple[Phase, 
 
 
 def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, callback: Callback | None):
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    resume_path = resolve_resume(config.resume, config.output_dir)
+    Path(config.runtime.output_dir).mkdir(parents=True, exist_ok=True)
+    resume_path = resolve_resume(config.runtime.resume, config.runtime.output_dir)
     state = load_checkpoint(resume_path) if resume_path is not None else None
     if state is not None and state["phase"] not in phases:
         raise ValueError(f"resume: {resume_path} is a {state['phase']!r} checkpoint; this run trains {phases}")
@@ -167,7 +167,7 @@ def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, c
                 {
                     "name": "tokens",
                     "params": {"rows": wrapper.rows},
-                    "lr": config.scaled(lr),
+                    "lr": config.optim.scaled(lr),
                     "weight_decay": config.weight_decay_ti,
                 }
             )
@@ -177,7 +177,7 @@ def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, c
             groups=groups,
             lr_scheduler=config.lr_scheduler_lora,
             warmup=config.lr_warmup_steps_lora,
-            text_trained=config.train_text_encoder or config.continue_inversion,
+            text_trained=config.lora.train_text_encoder or config.continue_inversion,
             unet_trained=True,
             token_embedding=wrapper,
             step_offset=config.max_train_steps_ti if "inversion" in phases else 0,
@@ -197,8 +197,8 @@ def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, c
         unwrap_token_embedding(te)
 
     # ---- output: the native file
-    path = Path(config.output_dir) / f"{config.out_name}.safetensors"
-    save_lora(path, current_lora(trainee, tokens, None, meta), dtype=config.save_dtype)
+    path = Path(config.runtime.output_dir) / f"{config.runtime.out_name}.safetensors"
+    save_lora(path, current_lora(trainee, tokens, None, meta), dtype=config.runtime.save_dtype)
     return TrainResult(path, metrics, checkpoints)
 
 

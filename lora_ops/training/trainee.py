@@ -86,33 +86,33 @@ def load_trainee(config: TrainConfig) -> Trainee:
     """Load the base model in fp32 on the configured device, frozen, with a DDPM noise scheduler."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    device = resolve_device(config.device)
-    autocast_dtype = resolve_precision(config.mixed_precision, device)
+    device = resolve_device(config.runtime.device)
+    autocast_dtype = resolve_precision(config.compute.mixed_precision, device)
     kwargs = {"revision": config.revision} if config.revision else {}
-    task = "inpaint" if config.train_inpainting else "text2img"
-    pipe = load_pipeline(config.pretrained_model_name_or_path, task=task, device="cpu", **kwargs)
-    if not config.train_inpainting and pipe.unet.config.in_channels != 4:
+    task = "inpaint" if config.data.train_inpainting else "text2img"
+    pipe = load_pipeline(config.runtime.pretrained_model_name_or_path, task=task, device="cpu", **kwargs)
+    if not config.data.train_inpainting and pipe.unet.config.in_channels != 4:
         raise ValueError(
-            f"{config.pretrained_model_name_or_path} has a {pipe.unet.config.in_channels}-channel UNet: "
+            f"{config.runtime.pretrained_model_name_or_path} has a {pipe.unet.config.in_channels}-channel UNet: "
             "set train_inpainting for inpainting models"
         )
-    if config.pretrained_vae_name_or_path:
+    if config.runtime.pretrained_vae_name_or_path:
         try:
-            pipe.vae = AutoencoderKL.from_pretrained(config.pretrained_vae_name_or_path)
+            pipe.vae = AutoencoderKL.from_pretrained(config.runtime.pretrained_vae_name_or_path)
         except (OSError, ValueError) as exc:
             raise ValueError(
-                f"pretrained_vae_name_or_path={config.pretrained_vae_name_or_path!r}: not a VAE folder "
+                f"pretrained_vae_name_or_path={config.runtime.pretrained_vae_name_or_path!r}: not a VAE folder "
                 f"({str(exc).splitlines()[0]})"
             ) from None
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    if config.resolution % factor:
-        raise ValueError(f"resolution={config.resolution} must be a multiple of {factor} for this VAE")
+    if config.data.resolution % factor:
+        raise ValueError(f"resolution={config.data.resolution} must be a multiple of {factor} for this VAE")
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()
     pipe.to(device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if config.gradient_checkpointing:
+    if config.compute.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     return Trainee(pipe, noise_scheduler, device, autocast_dtype, config)
 
