@@ -133,7 +133,7 @@ def build_config(cls, args: argparse.Namespace):
     names = {o.name for o in options(cls)}
     for key, value in vars(args).items():
         if key in names:
-            values[ALIASES.get(key, key)] = None if value == "none" else value
+            values[key] = None if value == "none" else value
     return cls.from_dict(values)
 
 
