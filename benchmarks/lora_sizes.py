@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16])
     args = parser.parse_args()
     with torch.device("meta"):
-        unet, text_encoder = build_models("sd15")
+        models = build_models("sd15")
+        unet, text_encoder = models["unet"], models["text_encoder"]
     print("| rank | modules (UNet + text encoder) | fp32 | fp16 |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

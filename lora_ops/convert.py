@@ -261,6 +261,8 @@ def convert_peft_to_native(
 
 def kohya_name(component: str, name: str) -> str:
     """`unet`, `down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+    if component not in KOHYA_PREFIX:
+        raise ValueError(f"{component}: kohya names of SDXL's second text encoder (lora_te2_) are not supported")
     return KOHYA_PREFIX[component] + name.replace(".", "_")
 
 

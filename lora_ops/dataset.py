@@ -191,8 +191,10 @@ class DatasetConfig:
 class ImageDataset:
     """Decoded, resized images and their prompts; `sample(i, generator)` draws one augmented sample.
 
-    A sample is a dict: "pixel_values" (3, R, R) in [-1, 1], "prompt" str, optionally "mask" (1, R, R) in
-    [0, 1], and for inpainting "inpaint_mask" (1, R, R) and "masked_image" (3, R, R).
+    A sample is a dict: "pixel_values" (3, R, R) in [-1, 1], "prompt" str, "original_size" (h, w) of the
+    image file and "crop_top_left" (top, left) of the crop in the resized (and flipped) image, both (2,)
+    long (SDXL's micro-conditioning), optionally "mask" (1, R, R) in [0, 1], and for inpainting
+    "inpaint_mask" (1, R, R) and "masked_image" (3, R, R).
     """
 
     def __init__(self, config: DatasetConfig):
@@ -208,12 +210,14 @@ class ImageDataset:
         res = config.resolution
         small = []
         self.images: list[torch.Tensor] = []  # (3, h, w) uint8, shorter side = res
+        self.original_sizes: list[tuple[int, int]] = []  # (h, w) before resizing
         self.masks: list[torch.Tensor | None] = []  # (1, h, w) uint8
         for ex in self.examples:
             img = load_image(ex.image)
             if min(img.size) < res:
                 small.append(f"{ex.image.name} {img.size[0]}x{img.size[1]}")
             size = _fit_shorter_side(img.size, res)
+            self.original_sizes.append((img.size[1], img.size[0]))
             self.images.append(_to_uint8_tensor(img.resize(size, Image.Resampling.BICUBIC)))
             if config.use_masks:
                 mask = load_mask(ex.mask)
@@ -275,13 +279,19 @@ class ImageDataset:
         if cfg.flip and bool(torch.rand(1, generator=generator) < 0.5):
             image = image.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
+            left = w - res - left  # where the crop starts in the flipped image
         pixels = image.float() / 127.5 - 1.0  # (3, R, R) in [-1, 1]
         if cfg.color_jitter:
             brightness, contrast = (0.9 + 0.2 * torch.rand(2, generator=generator)).tolist()
             pixels = (pixels + 1.0) * brightness - 1.0
             mean = pixels.mean()
             pixels = ((pixels - mean) * contrast + mean).clamp(-1.0, 1.0)
-        out = {"pixel_values": pixels.contiguous(), "prompt": self.prompt(index, generator)}
+        out = {
+            "pixel_values": pixels.contiguous(),
+            "prompt": self.prompt(index, generator),
+            "original_size": torch.tensor(self.original_sizes[index]),
+            "crop_top_left": torch.tensor((top, left)),
+        }
         if mask is not None:
             out["mask"] = (mask.float() / 255.0).contiguous()
         if cfg.inpainting:

@@ -43,6 +43,7 @@ from .lora_file import (
     require_finite,
     save_lora,
 )
+from .models import components
 from .targets import canonical_name
 
 Format = Literal["native", "diffusers", "peft", "kohya", "lora_diffusion", "a1111_embedding"]
@@ -206,25 +207,31 @@ def _folder_tokens(path: Path, lora: LoraFile) -> None:
 
 
 def model_skeletons(base: Any) -> dict[str, nn.Module]:
-    """{"unet", "text_encoder"} modules of `base`: a pipeline, a dict of modules, or a diffusers folder.
+    """{"unet", "text_encoder"[, "text_encoder_2"]} modules of `base`: a pipeline, a dict of modules, or a
+    diffusers folder.
 
     From a folder the modules are built from the configs on the meta device (names and shapes only, no
-    weights): enough to name and check LoRA modules, instant even for SD 1.5.
+    weights): enough to name and check LoRA modules, instant even for SD 1.5 and SDXL.
     """
     if hasattr(base, "unet") and hasattr(base, "text_encoder"):
-        return {"unet": base.unet, "text_encoder": base.text_encoder}
+        return components(base)
     if isinstance(base, Mapping):
         return dict(base)
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(base)
     if not (folder / "unet" / "config.json").is_file() or not (folder / "text_encoder" / "config.json").is_file():
         raise ValueError(f"base={str(base)!r} is not a diffusers model folder (needs unet/ and text_encoder/ configs)")
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-    return {"unet": unet, "text_encoder": text_encoder}
+        models = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+        }
+        if (folder / "text_encoder_2" / "config.json").is_file():
+            config_2 = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+            models["text_encoder_2"] = CLIPTextModelWithProjection(config_2)
+    return models
 
 
 def module_names(models: Mapping[str, nn.Module]) -> dict[str, list[str]]:
@@ -343,6 +350,10 @@ def write_any(path: str | Path, lora: LoraFile, fmt: str, base: Any = None, toke
         return export_diffusers(lora, path)["lora"]
     if tokens not in TOKEN_MODES:
         raise ValueError(f"tokens={tokens!r} is not one of {TOKEN_MODES}")
+    if fmt in ("kohya", "lora_diffusion") and lora_family(lora) == "sdxl":
+        # kohya's SDXL files name UNet modules in the original (ldm) block layout, and lora_diffusion predates
+        # SDXL: neither is written from an SDXL LoRA yet (diffusers' layout is, and every SDXL client reads it)
+        raise ValueError(f"fmt={fmt!r}: writing an SDXL LoRA in this format is not supported; use fmt='diffusers'")
     if fmt == "kohya":
         # bundle: A1111 reads `bundle_emb.*` keys in the LoRA file (diffusers' load_lora_weights refuses them,
         # ComfyUI ignores them); separate: one A1111 embedding `<stem>.<token>.safetensors` per token beside it
@@ -376,7 +387,10 @@ def lora_dims(lora: LoraFile) -> dict[str, int | None]:
 
 
 def lora_family(lora: LoraFile) -> str:
-    """ "sd1" (768-wide text), "sd2" (1024) or "unknown"."""
+    """ "sdxl" (a second text encoder, or 2048-wide cross-attention), "sd1" (768-wide text), "sd2" (1024) or
+    "unknown"."""
     dims = lora_dims(lora)
+    if lora.text_encoder_2 or dims["cross_attention_dim"] == 2048:
+        return "sdxl"
     width = dims["cross_attention_dim"] or dims["text_dim"]
     return {768: "sd1", 1024: "sd2"}.get(width, "unknown")

@@ -2,11 +2,13 @@
 
 Layout (format version 1):
 
-    unet.<module>.lora_A.weight           (r, in) or (r, in, kh, kw) for Conv2d
-    unet.<module>.lora_B.weight           (out, r) or (out, r, 1, 1)
-    text_encoder.<module>.lora_A.weight   module names as `text_model.encoder.layers.0.self_attn.q_proj`
+    unet.<module>.lora_A.weight             (r, in) or (r, in, kh, kw) for Conv2d
+    unet.<module>.lora_B.weight             (out, r) or (out, r, 1, 1)
+    text_encoder.<module>.lora_A.weight     module names as `text_model.encoder.layers.0.self_attn.q_proj`
     text_encoder.<module>.lora_B.weight
-    token_embeddings.<token>              (dim,) one row per learned token
+    text_encoder_2.<module>.lora_A.weight   SDXL's second text encoder, named the same way
+    text_encoder_2.<module>.lora_B.weight
+    token_embeddings.<token>                (dim,) one row per learned token
 
 The scale is folded into lora_B: ΔW = lora_B @ lora_A exactly (alpha = r). That is the diffusers/PEFT
 layout, so `pipe.load_lora_weights` reads the LoRA part of the same file. Metadata (all strings): format,
@@ -35,7 +37,7 @@ from .precision import torch_dtype
 
 FORMAT = "lora_ops"
 FORMAT_VERSION = 1
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TOKEN_PREFIX = "token_embeddings."
 
 
@@ -88,6 +90,8 @@ class LoraFile:
     text_encoder: dict[str, LoraModule] = field(default_factory=dict)
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # SDXL's second text encoder (OpenCLIP bigG); last so positional construction keeps its meaning
+    text_encoder_2: dict[str, LoraModule] = field(default_factory=dict)
 
     def component(self, name: str) -> dict[str, LoraModule]:
         if name not in COMPONENTS:

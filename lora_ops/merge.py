@@ -20,6 +20,7 @@ import torch
 
 from .formats import lora_dims
 from .lora_file import COMPONENTS, LoraFile, LoraModule, check_shapes, require_finite
+from .models import components
 from .resize import ResizeConfig, ResizeReport, resize_module
 from .runtime import patch_pipeline
 from .targets import get_module
@@ -225,12 +226,13 @@ def add_to_pipeline(
     for name, value in (("unet_scale", unet_scale), ("text_encoder_scale", text_encoder_scale)):
         if not isinstance(value, (int, float)) or not torch.isfinite(torch.tensor(float(value))):
             raise ValueError(f"{name}={value!r} must be a finite number")
-    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    models = components(pipe)
     check_shapes(lora, models)
     require_finite(lora.state_dict(), "add_to_pipeline: the LoRA")
     # every merged weight is computed and checked before any is written: no half-merged model
     merged = []
-    for comp, scale in (("unet", unet_scale), ("text_encoder", text_encoder_scale)):
+    for comp in models:
+        scale = unet_scale if comp == "unet" else text_encoder_scale
         for name, mod in lora.component(comp).items():
             layer = get_module(models[comp], name)
             weight = getattr(layer, "base_layer", layer).weight

@@ -1,7 +1,7 @@
 """Using LoRA files at inference: patch a pipeline, set scales, combine adapters, fuse and unfuse.
 
-Adapters are peft LoRA layers inside `pipe.unet` / `pipe.text_encoder`; each loaded file is one named
-adapter whose UNet and text-encoder scales can be changed without reloading.
+Adapters are peft LoRA layers inside `pipe.unet` / `pipe.text_encoder` (and SDXL's `pipe.text_encoder_2`);
+each loaded file is one named adapter whose UNet and text-encoder scales can be changed without reloading.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from .inject import check_adapter, load_adapter, lora_layers
 from .lora_file import LoraFile, load_lora
+from .models import components
 from .tokens import apply_token_embeddings
 
 
@@ -24,7 +25,7 @@ def _check_scale(name: str, value: float) -> float:
 
 
 def _models(pipe) -> dict[str, torch.nn.Module]:
-    return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    return components(pipe)
 
 
 def adapter_names(pipe) -> list[str]:
@@ -78,14 +79,18 @@ def patch_pipeline(
 
 
 def set_scales(pipe, adapter_name: str = "default", unet: float | None = None, text_encoder: float | None = None):
-    """Set the multiplier of one adapter on the UNet and/or the text encoder (None: leave as is)."""
+    """Set the multiplier of one adapter on the UNet and/or the text encoder(s) (None: leave as is).
+
+    SDXL's two text encoders take the same text-encoder scale.
+    """
     if adapter_name not in adapter_names(pipe):
         raise ValueError(f"no adapter {adapter_name!r} is loaded (loaded: {adapter_names(pipe)})")
-    for component, scale in (("unet", unet), ("text_encoder", text_encoder)):
+    for component, model in _models(pipe).items():
+        scale = unet if component == "unet" else text_encoder
         if scale is None:
             continue
-        scale = _check_scale(f"{component} scale", scale)
-        for layer in lora_layers(_models(pipe)[component]).values():
+        scale = _check_scale(f"{component.rstrip('_2')} scale", scale)
+        for layer in lora_layers(model).values():
             if layer.merged:
                 raise ValueError("adapters are fused into the weights; unfuse before changing scales")
             layer.set_scale(adapter_name, scale)

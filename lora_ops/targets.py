@@ -108,7 +108,7 @@ def canonical_name(component: str, name: str) -> str:
     transformers 5 dropped the `text_model` wrapper from CLIPTextModel; every LoRA format in the wild
     (diffusers, kohya, lora_diffusion) still names text-encoder modules `text_model.encoder.layers...`.
     """
-    if component == "text_encoder" and not name.startswith("text_model."):
+    if component in ("text_encoder", "text_encoder_2") and not name.startswith("text_model."):
         return "text_model." + name
     return name
 

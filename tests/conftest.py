@@ -30,6 +30,14 @@ def tiny_inpaint_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-inpaint", arch="tiny", inpainting=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory):
+    """Path of a tiny SDXL diffusers folder: two text encoders, text-time UNet (random weights, CPU-sized)."""
+    from lora_ops.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", arch="sdxl-tiny")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Run a module's tiny models on one torch thread (faster than two for models this small); restored after.

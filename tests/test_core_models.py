@@ -19,7 +19,8 @@ from lora_ops.tiny import build_models
 @pytest.fixture(scope="module")
 def sd15_meta():
     with torch.device("meta"):
-        return build_models("sd15")
+        models = build_models("sd15")
+        return models["unet"], models["text_encoder"]
 
 
 def test_sd15_presets_match_the_original_projects_counts(sd15_meta):
@@ -117,7 +118,8 @@ def test_sd21_shapes_and_v_prediction():
     cfg = arch_config("sd21")
     assert cfg["prediction_type"] == "v_prediction"
     with torch.device("meta"):
-        unet, text_encoder = build_models("sd21")
+        models = build_models("sd21")
+    unet, text_encoder = models["unet"], models["text_encoder"]
     assert unet.config.cross_attention_dim == 1024
     assert text_encoder.get_input_embeddings().weight.shape == (49408, 1024)
     assert describe(unet).family == "sd2"

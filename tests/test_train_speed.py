@@ -113,7 +113,7 @@ def test_compiled_unet_matches_eager(tiny_model, tmp_path):
 def test_cast_frozen_weights_gives_the_autocast_result():
     """bf16 base weights cast once = autocast casting fp32 weights on every call (bit for bit)."""
     torch.manual_seed(0)
-    unet, _ = build_models("tiny")
+    unet = build_models("tiny")["unet"]
     unet.requires_grad_(False)
     inject_lora(unet, LoraConfig(target_modules="unet", r=4))
     with torch.no_grad():
@@ -160,7 +160,8 @@ def test_lora_weights_are_fp32_after_a_phase_with_bf16_base_weights(tiny_model, 
 
 def test_join_batches_weights_each_sample_by_its_share():
     a = {"latents": torch.zeros(1, 4, 2, 2), "noise": torch.ones(1, 4, 2, 2), "timesteps": torch.tensor([3])}
-    a |= {"masks": None, "pixel_weights": None, "inpaint_cond": None, "prompts": ["x"], "sample_weights": torch.ones(1)}
+    a |= {"masks": None, "pixel_weights": None, "inpaint_cond": None, "time_ids": None}
+    a |= {"prompts": ["x"], "sample_weights": torch.ones(1)}
     b = {**a, "prompts": ["y"], "timesteps": torch.tensor([7])}
     joined = join_batches([a, b], 2)
     assert joined["latents"].shape == (2, 4, 2, 2) and joined["prompts"] == ["x", "y"]

@@ -61,7 +61,8 @@ def summarize(path: str | Path, base=None) -> dict:
         "size_bytes": path.stat().st_size,
         "base_model": metadata.get("base_model") or metadata.get("ss_sd_model_name") or "",
         "family": lora_family(lora),
-        "modules": {c: len(lora.component(c)) for c in COMPONENTS},
+        # text_encoder_2 only where there is one (SDXL), so SD 1.x/2.x reports read as before
+        "modules": {c: len(lora.component(c)) for c in COMPONENTS if c != "text_encoder_2" or lora.text_encoder_2},
         "targets": targets,
         "ranks": ranks,
         "alphas": alphas,
@@ -81,7 +82,8 @@ def run(args) -> int:
     print(f"file:        {info['file']} ({info['size_bytes']:,} bytes)")
     print(f"format:      {info['format']}")
     print(f"base model:  {info['base_model'] or '(not recorded)'}   family: {info['family']}")
-    print(f"modules:     unet {info['modules']['unet']}, text_encoder {info['modules']['text_encoder']}")
+    counts = [f"{c} {n}" for c, n in info["modules"].items()]
+    print(f"modules:     {', '.join(counts)}")
     for comp, kinds in info["targets"].items():
         if kinds:
             print(f"targets:     {comp}: {', '.join(kinds)}")

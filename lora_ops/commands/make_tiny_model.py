@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from . import examples
 
-ARCHS = ("tiny", "sd15", "sd21")  # lora_ops.tiny.ARCHS (a test checks they agree); importing it loads torch
+ARCHS = (
+    "tiny",
+    "sd15",
+    "sd21",
+    "sdxl-tiny",
+    "sdxl",
+)  # lora_ops.tiny.ARCHS (a test checks they agree); importing it loads torch
 
 
 def run(args) -> int:
@@ -22,7 +28,9 @@ def register(sub) -> None:
         **examples("lora-ops make-tiny-model ./tiny", "lora-ops make-tiny-model ./sd15-shape --arch sd15"),
     )
     p.add_argument("dir", help="output folder")
-    p.add_argument("--arch", choices=ARCHS, default="tiny", help="tiny (CPU tests) or the SD 1.5 / 2.1 shapes")
+    p.add_argument(
+        "--arch", choices=ARCHS, default="tiny", help="tiny or sdxl-tiny (CPU tests), or the SD 1.5 / 2.1 / SDXL shapes"
+    )
     p.add_argument("--inpainting", action="store_true", help="9-channel inpainting UNet")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)

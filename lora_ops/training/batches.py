@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dataset import BatchSampler, ImageDataset, collate
-from .trainee import Trainee, encode_images
+from .trainee import Trainee, encode_images, sdxl_time_ids
 
 
 @dataclass
@@ -30,8 +30,9 @@ def cache_latents(trainee: Trainee, source: Source, seed: int) -> None:
 
 
 def build_batch(trainee: Trainee, sources: list[Source], batch_size: int, aug: torch.Generator, noise_gen) -> dict:
-    """Draw one micro-batch from every source: latents, prompts, weights, masks, inpainting inputs."""
-    latents, prompts, weights, masks, inpaint = [], [], [], [], []
+    """Draw one micro-batch from every source: latents, prompts, weights, masks, inpainting inputs, and
+    SDXL's size conditioning."""
+    latents, prompts, weights, masks, inpaint, time_ids = [], [], [], [], [], []
     for source in sources:
         idx = source.sampler.next()
         samples = [source.dataset.sample(i, aug) for i in idx]
@@ -41,6 +42,7 @@ def build_batch(trainee: Trainee, sources: list[Source], batch_size: int, aug: t
         else:
             latents.append(encode_images(trainee.vae, batch["pixel_values"], noise_gen, trainee.device))
         prompts += batch["prompt"]
+        time_ids.append(sdxl_time_ids(batch))
         weights += [source.weight / batch_size] * len(idx)
         masks.append(batch.get("mask", torch.ones(len(idx), 1, *batch["pixel_values"].shape[-2:])))
         if "inpaint_mask" in batch:
@@ -53,6 +55,7 @@ def build_batch(trainee: Trainee, sources: list[Source], batch_size: int, aug: t
         "sample_weights": torch.tensor(weights, device=trainee.device),
         "masks": torch.cat(masks) if any(s.dataset.config.use_masks for s in sources) else None,
         "inpaint_cond": torch.cat(inpaint) if inpaint else None,
+        "time_ids": torch.cat(time_ids).to(trainee.device) if trainee.sdxl else None,
     }
     return out
 
@@ -69,7 +72,8 @@ def join_batches(batches: list[dict], accum: int) -> dict:
         values = [b[key] for b in batches]
         return None if values[0] is None else torch.cat(values)
 
-    out = {key: cat(key) for key in ("latents", "noise", "timesteps", "masks", "pixel_weights", "inpaint_cond")}
+    keys = ("latents", "noise", "timesteps", "masks", "pixel_weights", "inpaint_cond", "time_ids")
+    out = {key: cat(key) for key in keys}
     out["sample_weights"] = torch.cat([b["sample_weights"] for b in batches]) / accum
     out["prompts"] = [p for b in batches for p in b["prompts"]]
     return out

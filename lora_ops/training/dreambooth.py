@@ -94,7 +94,7 @@ def train_dreambooth(config: DreamBoothConfig, callback: Callback | None = None)
 
     # ---- LoRA and the training phase
     groups = inject_trainable_lora(trainee, config)
-    meta = lora_metadata(config, "dreambooth", ["lora"])
+    meta = lora_metadata(trainee, "dreambooth", ["lora"])
     phase = Phase(
         name="dreambooth",
         steps=config.max_train_steps,

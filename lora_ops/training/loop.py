@@ -144,8 +144,8 @@ def run_phase(
     params = phase.named_params()
     if config.compute.cast_base_weights and trainee.autocast_dtype is not None:
         # frozen weights in the compute dtype once; trained parameters fp32 (before the optimizer sees them)
-        cast_frozen_weights(trainee.unet, trainee.autocast_dtype)
-        cast_frozen_weights(trainee.text_encoder, trainee.autocast_dtype)
+        for model in (trainee.unet, *trainee.text_encoders):
+            cast_frozen_weights(model, trainee.autocast_dtype)
     with torch.no_grad():
         for p in params.values():
             if p.dtype != torch.float32:
@@ -164,7 +164,8 @@ def run_phase(
     encode = PromptEncoder(trainee, cache=config.data.cache_text_embeddings and not phase.text_trained)
     if config.compute.gradient_checkpointing and phase.text_trained:
         # non-reentrant: gradients reach LoRA and token parameters although the inputs need none
-        trainee.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for encoder in trainee.text_encoders:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ---- resume
     start = 0
@@ -220,7 +221,8 @@ def run_phase(
                 trainee, sources[0].dataset, config.seed, config.runtime.eval_noises, device
             )
     trainee.unet.train(phase.unet_trained)
-    trainee.text_encoder.train(phase.text_trained)
+    for encoder in trainee.text_encoders:
+        encoder.train(phase.text_trained)
     all_params = list(params.values())
     t_count = trainee.noise_scheduler.config.num_train_timesteps
 
@@ -258,7 +260,8 @@ def run_phase(
             if config.compute.channels_last:
                 latents = latents.contiguous(memory_format=torch.channels_last)
             with autocast:
-                embeds = encode(batch["prompts"])
+                embeds, pooled = encode(batch["prompts"])
+                added = None if pooled is None else {"text_embeds": pooled, "time_ids": batch["time_ids"]}
                 loss = train_step(
                     unet,
                     trainee.noise_scheduler,
@@ -270,6 +273,7 @@ def run_phase(
                     batch["pixel_weights"],
                     batch["inpaint_cond"],
                     config.optim.min_snr_gamma,
+                    added,
                 )
             scaled = loss / divisor
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -315,8 +319,8 @@ def run_phase(
             )
     bar.close()
 
-    trainee.unet.eval()
-    trainee.text_encoder.eval()
+    for model in (trainee.unet, *trainee.text_encoders):
+        model.eval()
     if losses:
         metrics[f"{phase.name}/loss"] = float(np.mean(losses[-max(1, len(losses) // 10) :]))
         metrics[f"{phase.name}/seconds"] = time.perf_counter() - began

@@ -9,22 +9,30 @@ from torch import nn
 
 from ..inject import LoraConfig, extract_lora, inject_lora
 from ..lora_file import LoraFile
+from ..models import components
 from ..tokens import read_token_embeddings
 from .config import TrainConfig
 from .trainee import Trainee, cast_frozen_weights
 
 
-def lora_metadata(config: TrainConfig, trainer: str, phases: list[str]) -> dict:
-    unet_targets = config.lora.unet_target_modules if "lora" in phases else None
-    te_targets = "text_encoder" if config.lora.train_text_encoder and "lora" in phases else None
+def lora_metadata(trainee: Trainee, trainer: str, phases: list[str]) -> dict:
+    config = trainee.config
+    targets = {"unet": config.lora.unet_target_modules if "lora" in phases else None}
+    for name in text_components(trainee):
+        targets[name] = "text_encoder" if config.lora.train_text_encoder and "lora" in phases else None
     alpha = config.lora.alpha
     training = {**config.to_dict(), "trainer": trainer}
     return {
         "base_model": config.runtime.pretrained_model_name_or_path,
-        "targets": {"unet": unet_targets, "text_encoder": te_targets},
-        "alphas": {"unet": alpha if unet_targets else None, "text_encoder": alpha if te_targets else None},
+        "targets": targets,
+        "alphas": {name: alpha if target else None for name, target in targets.items()},
         "training_config": training,
     }
+
+
+def text_components(trainee: Trainee) -> list[str]:
+    """The text encoders' component names: text_encoder, and text_encoder_2 for SDXL."""
+    return [name for name in components(trainee.pipe) if name != "unet"]
 
 
 def current_lora(trainee: Trainee, tokens: list[str], token_embedding: nn.Module | None, meta: dict) -> LoraFile:
@@ -33,12 +41,10 @@ def current_lora(trainee: Trainee, tokens: list[str], token_embedding: nn.Module
         token_rows = {t: token_embedding.rows[i].detach().float().cpu().clone() for i, t in enumerate(tokens)}
     else:
         token_rows = read_token_embeddings(trainee.tokenizer, trainee.text_encoder, tokens) if tokens else {}
-    return LoraFile(
-        unet=extract_lora(trainee.unet, "unet"),
-        text_encoder=extract_lora(trainee.text_encoder, "text_encoder"),
-        tokens=token_rows,
-        metadata=meta,
-    )
+    lora = LoraFile(tokens=token_rows, metadata=meta)
+    for name, model in components(trainee.pipe).items():
+        lora.component(name).update(extract_lora(model, name))
+    return lora
 
 
 def inject_trainable_lora(trainee: Trainee, config: TrainConfig) -> list[dict]:
@@ -51,8 +57,8 @@ def inject_trainable_lora(trainee: Trainee, config: TrainConfig) -> list[dict]:
     # a previous phase may have cast the frozen weights to bf16/fp16 (cast_base_weights); peft creates LoRA
     # weights in their layer's dtype, so make the layers fp32 again (exact: every bf16/fp16 value is an fp32
     # value) for fp32 LoRA weights; `run_phase` casts the frozen weights back
-    cast_frozen_weights(trainee.unet, torch.float32)
-    cast_frozen_weights(trainee.text_encoder, torch.float32)
+    for model in (trainee.unet, *trainee.text_encoders):
+        cast_frozen_weights(model, torch.float32)
     unet_cfg = LoraConfig(
         target_modules=config.lora.unet_target_modules,
         r=config.lora.r,
@@ -70,13 +76,15 @@ def inject_trainable_lora(trainee: Trainee, config: TrainConfig) -> list[dict]:
     ]
     if config.lora.train_text_encoder:
         te_cfg = dataclasses.replace(unet_cfg, target_modules="text_encoder")
-        inject_lora(trainee.text_encoder, te_cfg)
-        groups.append(
-            {
-                "name": "text_encoder",
-                "params": {n: p for n, p in trainee.text_encoder.named_parameters() if p.requires_grad},
-                "lr": config.optim.scaled(config.optim.learning_rate_text),
-                "weight_decay": config.optim.weight_decay_lora,
-            }
-        )
+        for name in text_components(trainee):
+            encoder = getattr(trainee.pipe, name)
+            inject_lora(encoder, te_cfg)
+            groups.append(
+                {
+                    "name": name,
+                    "params": {n: p for n, p in encoder.named_parameters() if p.requires_grad},
+                    "lr": config.optim.scaled(config.optim.learning_rate_text),
+                    "weight_decay": config.optim.weight_decay_lora,
+                }
+            )
     return groups

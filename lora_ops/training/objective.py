@@ -11,7 +11,7 @@ from torch import nn
 
 from ..dataset import ImageDataset, collate
 from ..losses import min_snr_weights, per_sample_mse, prediction_target
-from .trainee import encode_images, tokenize
+from .trainee import encode_images, encode_prompts, sdxl_time_ids
 
 
 def train_step(
@@ -25,16 +25,18 @@ def train_step(
     pixel_weights: torch.Tensor | None = None,
     inpaint_cond: torch.Tensor | None = None,
     snr_gamma: float | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The weighted diffusion loss of one micro-batch (a scalar); no randomness, no host sync.
 
     latents, noise: (b, 4, h, w); encoder_hidden_states: (b, L, dim); timesteps: (b,) long;
     sample_weights: (b,) summing to the batch's weight (1/b each for a plain mean);
-    pixel_weights: (b, 1, h, w) mask weights; inpaint_cond: (b, 5, h, w) mask + masked-image latents.
+    pixel_weights: (b, 1, h, w) mask weights; inpaint_cond: (b, 5, h, w) mask + masked-image latents;
+    added_cond_kwargs: SDXL's {"text_embeds": (b, dim) pooled, "time_ids": (b, 6)}.
     """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     model_input = noisy if inpaint_cond is None else torch.cat([noisy, inpaint_cond], dim=1)
-    pred = unet(model_input, timesteps, encoder_hidden_states).sample
+    pred = unet(model_input, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     per_sample = per_sample_mse(pred, target, pixel_weights)  # (b,)
     if snr_gamma is not None:
@@ -47,7 +49,7 @@ def measure_loss(pipe, dataset: ImageDataset, seed: int = 0, n_noises: int = 2, 
     """Mean diffusion loss over every image × `n_noises` fixed (noise, timestep) pairs; no state changes.
 
     The same seed gives the same noises and timesteps, so numbers before and after training compare.
-    `pipe` is anything with unet, vae, text_encoder, tokenizer and scheduler (a pipeline or a Trainee).
+    `pipe` is anything with unet, vae, text encoder(s), tokenizer(s) and scheduler (a pipeline or a Trainee).
     """
     from diffusers import DDPMScheduler
 
@@ -56,15 +58,16 @@ def measure_loss(pipe, dataset: ImageDataset, seed: int = 0, n_noises: int = 2, 
     generator = torch.Generator().manual_seed(seed)
     t_count = scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0.05 * t_count, 0.95 * t_count, max(n_noises, 1)).long()
-    modes = (pipe.unet.training, pipe.text_encoder.training)
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
+    encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    modes = [m.training for m in (pipe.unet, *encoders)]
+    for m in (pipe.unet, *encoders):
+        m.eval()
     total, count = 0.0, 0
     for i in range(len(dataset)):
         sample = collate([dataset.sample(i, torch.Generator().manual_seed(seed + i))])
         latents = encode_images(pipe.vae, sample["pixel_values"], None, device)
-        ids = tokenize(pipe.tokenizer, sample["prompt"]).to(device)
-        embeds = pipe.text_encoder(ids)[0]
+        embeds, pooled = encode_prompts(pipe, sample["prompt"], device)
+        added = None if pooled is None else {"text_embeds": pooled, "time_ids": sdxl_time_ids(sample).to(device)}
         cond = None
         if "inpaint_mask" in sample:
             masked = encode_images(pipe.vae, sample["masked_image"], None, device)
@@ -82,9 +85,10 @@ def measure_loss(pipe, dataset: ImageDataset, seed: int = 0, n_noises: int = 2, 
                 torch.ones(1, device=device),
                 None,
                 cond,
+                added_cond_kwargs=added,
             )
             total += loss.item()
             count += 1
-    pipe.unet.train(modes[0])
-    pipe.text_encoder.train(modes[1])
+    for m, mode in zip((pipe.unet, *encoders), modes, strict=True):
+        m.train(mode)
     return total / max(count, 1)

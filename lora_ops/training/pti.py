@@ -15,6 +15,7 @@ import torch
 
 from ..dataset import DatasetConfig, ImageDataset
 from ..lora_file import load_lora, save_lora
+from ..models import source_is_sdxl
 from ..tokens import add_tokens, apply_token_embeddings, init_token_embeddings, parse_tokens
 from .batches import Source
 from .checkpoints import load_checkpoint, resolve_resume
@@ -121,10 +122,17 @@ def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, c
     if state is not None and state["phase"] not in phases:
         raise ValueError(f"resume: {resume_path} is a {state['phase']!r} checkpoint; this run trains {phases}")
     tokens = parse_tokens(config.placeholder_tokens)
+    base = config.runtime.pretrained_model_name_or_path
+    if source_is_sdxl(base, **({"revision": config.revision} if config.revision else {})):
+        # SDXL needs each new token in both text encoders' vocabularies (and a file format for the pair)
+        raise ValueError(
+            f"{base} is an SDXL model: pivotal tuning (new tokens) is not supported on SDXL yet; "
+            "train LoRA on it with `lora-ops train dreambooth`"
+        )
     trainee = load_trainee(config)
     dataset = _pti_dataset(config, tokens)
     meta_phases = ["tokens"] + (["lora"] if "tuning" in phases else [])
-    meta = lora_metadata(config, "pti", meta_phases)
+    meta = lora_metadata(trainee, "pti", meta_phases)
     metrics: dict[str, float] = {}
     checkpoints: list[Path] = []
     te = trainee.text_encoder

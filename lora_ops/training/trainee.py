@@ -1,7 +1,8 @@
 """The model being trained: the base pipeline loaded frozen on its device, and how to run its parts.
 
-`load_trainee` loads the base model (fp32, frozen, a DDPM noise scheduler for training); `encode_images`
-and `PromptEncoder` turn pixels and prompts into what the UNet takes.
+`load_trainee` loads the base model (fp32, frozen, a DDPM noise scheduler for training); `encode_images`,
+`encode_prompts` and `PromptEncoder` turn pixels and prompts into what the UNet takes. An SDXL UNet also
+takes the pooled embedding of the second text encoder and six size numbers per sample (`sdxl_time_ids`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import devices
-from ..models import load_pipeline
+from ..models import components, is_sdxl, load_pipeline
 from ..precision import torch_dtype
 from .config import TrainConfig
 
@@ -43,6 +44,24 @@ class Trainee:
     @property
     def vae(self):
         return self.pipe.vae
+
+    @property
+    def text_encoder_2(self):
+        """SDXL's second text encoder (None for SD 1.x/2.x)."""
+        return getattr(self.pipe, "text_encoder_2", None)
+
+    @property
+    def tokenizer_2(self):
+        return getattr(self.pipe, "tokenizer_2", None)
+
+    @property
+    def sdxl(self) -> bool:
+        return is_sdxl(self.pipe)
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoder(s): one, or SDXL's two."""
+        return [m for name, m in components(self.pipe).items() if name != "unet"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,7 +126,7 @@ def load_trainee(config: TrainConfig) -> Trainee:
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if config.data.resolution % factor:
         raise ValueError(f"resolution={config.data.resolution} must be a multiple of {factor} for this VAE")
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in (pipe.vae, *components(pipe).values()):
         module.requires_grad_(False)
         module.eval()
     pipe.to(device)
@@ -138,20 +157,53 @@ def encode_images(
     return latents * vae.config.scaling_factor
 
 
+def encode_prompts(model, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states (b, L, dim), pooled (b, dim) or None) of `prompts`, as the pipelines compute them.
+
+    SD 1.x/2.x: the text encoder's last hidden states, no pooled embedding. SDXL: both encoders' penultimate
+    hidden states side by side, and the second encoder's projected pooled output (`StableDiffusionXLPipeline.
+    encode_prompt` without clip_skip). `model` is a pipeline or a Trainee.
+    """
+    if getattr(model, "text_encoder_2", None) is None:
+        return model.text_encoder(tokenize(model.tokenizer, prompts).to(device))[0], None
+    states, pooled = [], None
+    for tokenizer, encoder in ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)):
+        out = encoder(tokenize(tokenizer, prompts).to(device), output_hidden_states=True)
+        pooled = out[0]  # the second encoder's (CLIPTextModelWithProjection) text_embeds is the one kept
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), pooled
+
+
+def sdxl_time_ids(batch: dict) -> torch.Tensor:
+    """SDXL's micro-conditioning (b, 6) of a collated batch: original size, crop corner, target size.
+
+    The original size (h, w) is the image's before resizing, the crop corner (top, left) is where the
+    training crop starts in the resized image, as diffusers' SDXL training scripts compute them, and the
+    target size is the crop's; at inference the pipelines pass (height, width), (0, 0), (height, width).
+    """
+    pixels = batch["pixel_values"]
+    target = torch.tensor(pixels.shape[-2:]).expand(pixels.shape[0], 2)
+    return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).float()
+
+
 class PromptEncoder:
-    """Text embeddings of prompts; cached per prompt while the text encoder is frozen."""
+    """Text embeddings (and SDXL's pooled embeddings) of prompts; cached per prompt while the text encoders
+    are frozen. Returns (hidden states, pooled or None)."""
 
     def __init__(self, trainee: Trainee, cache: bool):
         self.trainee, self.cache = trainee, cache
-        self.store: dict[str, torch.Tensor] = {}
+        self.store: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.trainee
         if not self.cache:
-            return t.text_encoder(tokenize(t.tokenizer, prompts).to(t.device))[0]
+            return encode_prompts(t, prompts, t.device)
         missing = [p for p in dict.fromkeys(prompts) if p not in self.store]
         if missing:
             with torch.no_grad():
-                embeds = t.text_encoder(tokenize(t.tokenizer, missing).to(t.device))[0].float()
-            self.store.update(zip(missing, embeds, strict=True))
-        return torch.stack([self.store[p] for p in prompts])
+                states, pooled = encode_prompts(t, missing, t.device)
+            pooled = [None] * len(missing) if pooled is None else pooled.float()
+            self.store.update(zip(missing, zip(states.float(), pooled, strict=True), strict=True))
+        states = torch.stack([self.store[p][0] for p in prompts])
+        pooled = [self.store[p][1] for p in prompts]
+        return states, None if pooled[0] is None else torch.stack(pooled)
