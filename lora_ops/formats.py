@@ -12,6 +12,7 @@ load is refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import re
@@ -31,6 +32,7 @@ from .convert import (
     convert_native_to_kohya,
     convert_peft_to_native,
     convert_tokens_to_a1111_embedding,
+    is_sdxl_kohya,
     peft_component,
 )
 from .lora_file import (
@@ -43,7 +45,7 @@ from .lora_file import (
     require_finite,
     save_lora,
 )
-from .models import components
+from .models import components, is_sdxl_unet
 from .targets import canonical_name
 
 Format = Literal["native", "diffusers", "peft", "kohya", "lora_diffusion", "a1111_embedding"]
@@ -64,9 +66,7 @@ def detect_format(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None
         raise ValueError("the file holds no tensors")
     if any(re.fullmatch(r"(unet|text_encoder):\d+:(up|down)", k) for k in keys):
         return "lora_diffusion"
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-        raise ValueError("detected kohya layout for SDXL (lora_te1_/lora_te2_ keys): only SD 1.x/2.x are supported")
-    if any(k.startswith(("lora_unet_", "lora_te_", BUNDLE_PREFIX)) for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", BUNDLE_PREFIX)) for k in keys):
         return "kohya"
     if any(k.startswith(("unet.", "text_encoder.")) for k in keys):
         return "diffusers"
@@ -234,6 +234,56 @@ def model_skeletons(base: Any) -> dict[str, nn.Module]:
     return models
 
 
+@functools.cache
+def sdxl_skeletons() -> dict[str, nn.Module]:
+    """SDXL 1.0's UNet and text encoders on the meta device (names and shapes, no weights): the layout kohya SDXL
+    files are read against and written in when no base model is given."""
+    from .tiny import build_models
+
+    with torch.device("meta"):
+        return build_models("sdxl")
+
+
+def _kohya_layout(models: Mapping[str, nn.Module] | None, sdxl: bool) -> tuple[Any, Any]:
+    """(module names, SDXL UNet config or None) that kohya names are made from; SDXL 1.0's without a base."""
+    if models is None and sdxl:
+        models = sdxl_skeletons()
+    if models is None:
+        return None, None
+    return module_names(models), models["unet"].config if is_sdxl_unet(models["unet"]) else None
+
+
+def _fit_sdxl_1_0(convert: Any) -> Any:
+    """Run `convert` against SDXL 1.0's layout, saying what to do when the LoRA is for another SDXL UNet."""
+    from .lora_file import check_shapes
+
+    try:
+        lora = convert()
+        check_shapes(lora, sdxl_skeletons())
+    except ValueError as err:
+        raise ValueError(
+            f"{err}: kohya's SDXL names number the UNet's blocks, and without a base model they are SDXL 1.0's; "
+            "this LoRA does not fit SDXL 1.0, so pass the base model it belongs to (base=/--base MODEL_DIR)"
+        ) from None
+    return lora
+
+
+def _read_kohya(tensors: Mapping[str, Any], models: Mapping[str, nn.Module] | None) -> LoraFile:
+    names, sdxl_unet = _kohya_layout(models, is_sdxl_kohya(tensors))
+    if names is not None and sdxl_unet is None and is_sdxl_kohya(tensors):
+        raise ValueError("this kohya file is for SDXL (lora_te1_/lora_te2_ or input_blocks keys); the base is not")
+    read = lambda: lora_from_state_dict(convert_kohya_to_native(tensors, names, sdxl_unet))  # noqa: E731
+    return _fit_sdxl_1_0(read) if models is None and sdxl_unet is not None else read()
+
+
+def _kohya_tensors(lora: LoraFile, base: Any, include_tokens: bool) -> dict[str, torch.Tensor]:
+    models = model_skeletons(base) if base is not None else None
+    _, sdxl_unet = _kohya_layout(models, lora_family(lora) == "sdxl")
+    if models is None and sdxl_unet is not None:
+        _fit_sdxl_1_0(lambda: lora)
+    return convert_native_to_kohya(lora.state_dict(), include_tokens=include_tokens, sdxl_unet=sdxl_unet)
+
+
 def module_names(models: Mapping[str, nn.Module]) -> dict[str, list[str]]:
     """Canonical names of every Linear/Conv2d per component (peft wrappers named as the wrapped layer)."""
     out = {}
@@ -262,8 +312,7 @@ def lora_from_raw(
     elif fmt == "peft":
         lora = lora_from_state_dict(convert_peft_to_native(tensors, _peft_configs(metadata)))
     elif fmt == "kohya":
-        names = module_names(models) if models is not None else None
-        lora = lora_from_state_dict(convert_kohya_to_native(tensors, names))
+        lora = _read_kohya(tensors, models)
     elif fmt == "lora_diffusion":
         if models is None:
             raise ValueError(
@@ -350,14 +399,13 @@ def write_any(path: str | Path, lora: LoraFile, fmt: str, base: Any = None, toke
         return export_diffusers(lora, path)["lora"]
     if tokens not in TOKEN_MODES:
         raise ValueError(f"tokens={tokens!r} is not one of {TOKEN_MODES}")
-    if fmt in ("kohya", "lora_diffusion") and lora_family(lora) == "sdxl":
-        # kohya's SDXL files name UNet modules in the original (ldm) block layout, and lora_diffusion predates
-        # SDXL: neither is written from an SDXL LoRA yet (diffusers' layout is, and every SDXL client reads it)
-        raise ValueError(f"fmt={fmt!r}: writing an SDXL LoRA in this format is not supported; use fmt='diffusers'")
+    if fmt == "lora_diffusion" and lora_family(lora) == "sdxl":
+        # the original project's format predates SDXL: no tool reads an SDXL LoRA in it
+        raise ValueError(f"fmt={fmt!r}: the lora_diffusion format has no SDXL layout; use 'diffusers' or 'kohya'")
     if fmt == "kohya":
         # bundle: A1111 reads `bundle_emb.*` keys in the LoRA file (diffusers' load_lora_weights refuses them,
         # ComfyUI ignores them); separate: one A1111 embedding `<stem>.<token>.safetensors` per token beside it
-        bundled = convert_native_to_kohya(lora.state_dict(), include_tokens=tokens == "bundle")
+        bundled = _kohya_tensors(lora, base, include_tokens=tokens == "bundle")
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in bundled.items()}
         if tokens == "separate":
             from .diffusers_export import token_file_name

@@ -180,8 +180,14 @@ def test_unknown_layouts_say_what_was_detected(tmp_path):
         convert_kohya_to_native(kohya)
     with pytest.raises(ValueError, match=r"detected diffusers/PEFT layout.*unet\.x\.weird"):
         convert_diffusers_to_native({"unet.x.weird": torch.zeros(1)})
-    with pytest.raises(ValueError, match="SDXL"):
-        detect_format({"lora_te1_text_model_x.lora_down.weight": torch.zeros(1)})
+    sdxl = {
+        "lora_te1_text_model_x.lora_down.weight": torch.zeros(1),
+        "lora_te1_text_model_x.lora_up.weight": torch.zeros(1),
+    }
+    assert detect_format(sdxl) == "kohya"  # SDXL's layout (tests/test_kohya_sdxl.py)
+    save_file(sdxl, tmp_path / "xl.safetensors")
+    with pytest.raises(ValueError, match=r"lora_te1_text_model_x: no module .*SDXL 1\.0.*--base"):
+        read_any(tmp_path / "xl.safetensors")
 
 
 def test_convert_cli_native_to_kohya_to_native(lora, pipe, tmp_path):
