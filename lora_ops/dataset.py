@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .batching import BatchSampler, BucketBatchSampler, Buckets
 from .image_files import CAPTION_SUFFIX, DATASET_SUFFIXES, MASK_SUFFIX, load_image, load_mask
 
 # prompt templates in the spirit of the original textual-inversion and lora_diffusion lists; "{}" is the concept
@@ -134,19 +135,21 @@ class DatasetConfig:
 
     Args:
         data_dir: folder of images (see module docstring).
-        resolution: side of the square training crop in pixels.
+        resolution: side of the square training crop in pixels (with buckets: the pixel budget, resolution²).
         placeholder_tokens: the concept's tokens; templates use them joined ("<s1><s2>").
         template: "object", "style", "none" (captions: `name.txt`, else the file name), or a list of
             user templates, each with one "{}" for the concept.
         token_map: "word|<s1><s2>": replace `word` in captions by the tokens (original
             `placeholder_token_at_data`).
         prompt: a fixed prompt for every image (DreamBooth instance/class prompt); overrides template.
-        crop: "center" or "random" crop after resizing the shorter side to `resolution`.
+        crop: "center" or "random" crop after resizing the image to cover its training size.
         flip: random horizontal flip (p=0.5).
         color_jitter: random brightness and contrast (±10%), as the original trainer.
         use_masks: read `name.mask.png` masks (required for every image when True).
         inpainting: add random cutout masks and the masked image (inpainting UNet training).
         on_bad_files: "error" lists unusable files in one error; "skip" drops them with a warning.
+        buckets: aspect-ratio buckets (`lora_ops.batching.Buckets`): each image is trained at the bucket
+            nearest its aspect ratio instead of a square; None: square crops.
     """
 
     data_dir: str | Path
@@ -161,11 +164,16 @@ class DatasetConfig:
     use_masks: bool = False
     inpainting: bool = False
     on_bad_files: Literal["error", "skip"] = "error"
+    buckets: Buckets | None = None
     templates: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self):
         if not isinstance(self.resolution, int) or self.resolution < 8:
             raise ValueError(f"resolution={self.resolution!r} must be an integer >= 8")
+        if self.buckets is not None and self.buckets.resolution != self.resolution:
+            raise ValueError(
+                f"buckets are for resolution {self.buckets.resolution}, the dataset's is {self.resolution}"
+            )
         if self.crop not in ("center", "random"):
             raise ValueError(f"crop={self.crop!r} is not one of 'center', 'random'")
         if isinstance(self.template, str):
@@ -209,15 +217,18 @@ class ImageDataset:
                 )
         res = config.resolution
         small = []
-        self.images: list[torch.Tensor] = []  # (3, h, w) uint8, shorter side = res
+        self.images: list[torch.Tensor] = []  # (3, h, w) uint8, just covering the image's training size
         self.original_sizes: list[tuple[int, int]] = []  # (h, w) before resizing
+        self.sizes: list[tuple[int, int]] = []  # (h, w) of each image's training crop: its bucket, or res x res
         self.masks: list[torch.Tensor | None] = []  # (1, h, w) uint8
         for ex in self.examples:
             img = load_image(ex.image)
-            if min(img.size) < res:
+            target = config.buckets.nearest((img.height, img.width)) if config.buckets else (res, res)
+            if img.height < target[0] or img.width < target[1]:
                 small.append(f"{ex.image.name} {img.size[0]}x{img.size[1]}")
-            size = _fit_shorter_side(img.size, res)
-            self.original_sizes.append((img.size[1], img.size[0]))
+            size = _cover(img.size, target)
+            self.sizes.append(target)
+            self.original_sizes.append((img.height, img.width))
             self.images.append(_to_uint8_tensor(img.resize(size, Image.Resampling.BICUBIC)))
             if config.use_masks:
                 mask = load_mask(ex.mask)
@@ -228,13 +239,19 @@ class ImageDataset:
                 self.masks.append(None)
         if small:
             warnings.warn(
-                f"{len(small)} image(s) smaller than resolution {res} px are upscaled: {', '.join(small)}",
+                f"{len(small)} image(s) smaller than their training size are upscaled: {', '.join(small)}",
                 stacklevel=2,
             )
         self.prompts = [self._base_prompt(ex) for ex in self.examples]
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def batch_sampler(self, batch_size: int, seed: int) -> BatchSampler:
+        """Shuffled batches of indices: within one bucket each when the dataset has buckets."""
+        if self.config.buckets is None:
+            return BatchSampler(len(self), batch_size, seed)
+        return BucketBatchSampler(self.sizes, batch_size, seed)
 
     # ---- prompts -------------------------------------------------------------------------------------
     def _base_prompt(self, ex: Example) -> str | None:
@@ -266,21 +283,21 @@ class ImageDataset:
     # ---- samples -------------------------------------------------------------------------------------
     def sample(self, index: int, generator: torch.Generator | None = None) -> dict:
         """One augmented sample of image `index`; all randomness comes from `generator`."""
-        cfg, res = self.config, self.config.resolution
+        cfg, (th, tw) = self.config, self.sizes[index]
         image, mask = self.images[index], self.masks[index]
         _, h, w = image.shape
         if cfg.crop == "random":
-            top = int(torch.randint(h - res + 1, (1,), generator=generator))
-            left = int(torch.randint(w - res + 1, (1,), generator=generator))
+            top = int(torch.randint(h - th + 1, (1,), generator=generator))
+            left = int(torch.randint(w - tw + 1, (1,), generator=generator))
         else:
-            top, left = (h - res) // 2, (w - res) // 2
-        image = image[:, top : top + res, left : left + res]
-        mask = mask[:, top : top + res, left : left + res] if mask is not None else None
+            top, left = (h - th) // 2, (w - tw) // 2
+        image = image[:, top : top + th, left : left + tw]
+        mask = mask[:, top : top + th, left : left + tw] if mask is not None else None
         if cfg.flip and bool(torch.rand(1, generator=generator) < 0.5):
             image = image.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
-            left = w - res - left  # where the crop starts in the flipped image
-        pixels = image.float() / 127.5 - 1.0  # (3, R, R) in [-1, 1]
+            left = w - tw - left  # where the crop starts in the flipped image
+        pixels = image.float() / 127.5 - 1.0  # (3, th, tw) in [-1, 1]
         if cfg.color_jitter:
             brightness, contrast = (0.9 + 0.2 * torch.rand(2, generator=generator)).tolist()
             pixels = (pixels + 1.0) * brightness - 1.0
@@ -295,25 +312,31 @@ class ImageDataset:
         if mask is not None:
             out["mask"] = (mask.float() / 255.0).contiguous()
         if cfg.inpainting:
-            hole = random_inpaint_mask(res, generator)
+            hole = random_inpaint_mask((th, tw), generator)
             out["inpaint_mask"] = hole
             out["masked_image"] = pixels * (hole < 0.5)
         return out
 
 
-def random_inpaint_mask(size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A (1, size, size) mask of 1-4 random rectangular holes (1 = to inpaint); 25% of the time all ones.
+def random_inpaint_mask(size: int | tuple[int, int], generator: torch.Generator | None = None) -> torch.Tensor:
+    """A (1, h, w) mask (`size` = h = w, or (h, w)) of 1-4 random rectangular holes (1 = to inpaint); 25% of the
+    time all ones.
 
     As the original trainer: the UNet learns both to fill holes and to paint from a blank canvas.
     """
-    mask = torch.zeros(1, size, size)
+    h, w = (size, size) if isinstance(size, int) else size
+    mask = torch.zeros(1, h, w)
     if float(torch.rand(1, generator=generator)) < 0.25:
         return mask.fill_(1.0)
     holes = int(torch.randint(1, 5, (1,), generator=generator))
     for _ in range(holes):
-        hh, ww = (torch.randint(size // 8, size // 2 + 1, (2,), generator=generator)).tolist()
-        top = int(torch.randint(0, size - hh + 1, (1,), generator=generator))
-        left = int(torch.randint(0, size - ww + 1, (1,), generator=generator))
+        if h == w:
+            hh, ww = (torch.randint(h // 8, h // 2 + 1, (2,), generator=generator)).tolist()
+        else:
+            hh = int(torch.randint(h // 8, h // 2 + 1, (1,), generator=generator))
+            ww = int(torch.randint(w // 8, w // 2 + 1, (1,), generator=generator))
+        top = int(torch.randint(0, h - hh + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - ww + 1, (1,), generator=generator))
         mask[:, top : top + hh, left : left + ww] = 1.0
     return mask
 
@@ -327,43 +350,11 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-class BatchSampler:
-    """Shuffled epochs of indices drawn from its own generator; its state resumes exactly.
-
-    Args:
-        n: dataset size.
-        batch_size: indices per batch; an epoch's last short batch is completed from the next epoch.
-        seed: seed of the shuffling generator.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-        self.pos = 0
-
-    def next(self) -> list[int]:
-        out = []
-        while len(out) < self.batch_size:
-            if self.pos >= len(self.order):
-                self.order = torch.randperm(self.n, generator=self.generator).tolist()
-                self.pos = 0
-            out.append(self.order[self.pos])
-            self.pos += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": list(self.order), "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.order, self.pos = list(state["order"]), int(state["pos"])
-
-
-def _fit_shorter_side(size: tuple[int, int], res: int) -> tuple[int, int]:
+def _cover(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The (w, h) an image of PIL `size` (w, h) is resized to so that it just covers `target` (h, w)."""
     w, h = size
-    scale = res / min(w, h)
-    return max(res, round(w * scale)), max(res, round(h * scale))
+    scale = max(target[0] / h, target[1] / w)
+    return max(target[1], round(w * scale)), max(target[0], round(h * scale))
 
 
 def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from lora_ops.batching import BatchSampler
 from lora_ops.dataset import (
-    BatchSampler,
     DatasetConfig,
     ImageDataset,
     caption_from_filename,

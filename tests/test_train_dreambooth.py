@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_ops.dataset import BatchSampler, DatasetConfig, ImageDataset
+from lora_ops.batching import BatchSampler
+from lora_ops.dataset import DatasetConfig, ImageDataset
 from lora_ops.lora_file import load_lora
 from lora_ops.training.batches import Source, build_batch
 from lora_ops.training.config import DreamBoothConfig
@@ -97,7 +98,7 @@ def test_prior_loss_weight_weights_the_class_half_of_each_batch(tiny_model, tmp_
         Source(ImageDataset(DatasetConfig(data, 32, prompt="a photo of sks dog")), 1.0, BatchSampler(2, 2, 0)),
         Source(ImageDataset(DatasetConfig(classes, 32, prompt="a photo of dog")), 0.25, BatchSampler(3, 2, 1)),
     ]
-    batch = build_batch(trainee, sources, 2, torch.Generator(), torch.Generator())
+    (batch,) = build_batch(trainee, sources, 2, torch.Generator(), torch.Generator())  # one size: one batch
     assert batch["latents"].shape == (4, 4, 16, 16)
     assert batch["prompts"] == ["a photo of sks dog"] * 2 + ["a photo of dog"] * 2
     # loss = mean(instance losses) + prior_loss_weight * mean(class losses)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dataset import BatchSampler, ImageDataset, collate
+from ..batching import BatchSampler
+from ..dataset import ImageDataset, collate
 from .trainee import Trainee, encode_images, sdxl_time_ids
 
 
@@ -29,34 +30,59 @@ def cache_latents(trainee: Trainee, source: Source, seed: int) -> None:
     ]
 
 
-def build_batch(trainee: Trainee, sources: list[Source], batch_size: int, aug: torch.Generator, noise_gen) -> dict:
+def _by_size(batches: list[dict]) -> list[list[dict]]:
+    """Batches grouped by the size of their latents, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[dict]] = {}
+    for batch in batches:
+        groups.setdefault(tuple(batch["latents"].shape[-2:]), []).append(batch)
+    return list(groups.values())
+
+
+def build_batch(
+    trainee: Trainee, sources: list[Source], batch_size: int, aug: torch.Generator, noise_gen
+) -> list[dict]:
     """Draw one micro-batch from every source: latents, prompts, weights, masks, inpainting inputs, and
-    SDXL's size conditioning."""
-    latents, prompts, weights, masks, inpaint, time_ids = [], [], [], [], [], []
+    SDXL's size conditioning. Returned as one batch per image size: one without buckets; with buckets the
+    sources' batches may differ in size, and each size is its own forward pass (the sample weights already
+    give each sample its share of the step's loss)."""
+    with_masks = any(s.dataset.config.use_masks for s in sources)
+    parts = []
     for source in sources:
         idx = source.sampler.next()
         samples = [source.dataset.sample(i, aug) for i in idx]
         batch = collate(samples)
         if source.latents is not None:
-            latents.append(torch.cat([source.latents[i] for i in idx]))
+            latents = torch.cat([source.latents[i] for i in idx])
         else:
-            latents.append(encode_images(trainee.vae, batch["pixel_values"], noise_gen, trainee.device))
-        prompts += batch["prompt"]
-        time_ids.append(sdxl_time_ids(batch))
-        weights += [source.weight / batch_size] * len(idx)
-        masks.append(batch.get("mask", torch.ones(len(idx), 1, *batch["pixel_values"].shape[-2:])))
+            latents = encode_images(trainee.vae, batch["pixel_values"], noise_gen, trainee.device)
+        inpaint = None
         if "inpaint_mask" in batch:
             masked = encode_images(trainee.vae, batch["masked_image"], noise_gen, trainee.device)
             hole = torch.nn.functional.interpolate(batch["inpaint_mask"], size=masked.shape[-2:]).to(masked)
-            inpaint.append(torch.cat([hole, masked], dim=1))
-    out = {
-        "latents": torch.cat(latents),
-        "prompts": prompts,
-        "sample_weights": torch.tensor(weights, device=trainee.device),
-        "masks": torch.cat(masks) if any(s.dataset.config.use_masks for s in sources) else None,
-        "inpaint_cond": torch.cat(inpaint) if inpaint else None,
-        "time_ids": torch.cat(time_ids).to(trainee.device) if trainee.sdxl else None,
-    }
+            inpaint = torch.cat([hole, masked], dim=1)
+        parts.append(
+            {
+                "latents": latents,
+                "prompts": batch["prompt"],
+                "sample_weights": [source.weight / batch_size] * len(idx),
+                "masks": batch.get("mask", torch.ones(len(idx), 1, *batch["pixel_values"].shape[-2:])),
+                "inpaint_cond": inpaint,
+                "time_ids": sdxl_time_ids(batch),
+            }
+        )
+    out = []
+    for group in _by_size(parts):
+        inpaint = [p["inpaint_cond"] for p in group if p["inpaint_cond"] is not None]
+        out.append(
+            {
+                "latents": torch.cat([p["latents"] for p in group]),
+                "prompts": [prompt for p in group for prompt in p["prompts"]],
+                "sample_weights": torch.tensor([w for p in group for w in p["sample_weights"]], device=trainee.device),
+                "masks": torch.cat([p["masks"] for p in group]) if with_masks else None,
+                "inpaint_cond": torch.cat(inpaint) if inpaint else None,
+                "time_ids": torch.cat([p["time_ids"] for p in group]).to(trainee.device) if trainee.sdxl else None,
+            }
+        )
     return out
 
 
@@ -77,3 +103,8 @@ def join_batches(batches: list[dict], accum: int) -> dict:
     out["sample_weights"] = torch.cat([b["sample_weights"] for b in batches]) / accum
     out["prompts"] = [p for b in batches for p in b["prompts"]]
     return out
+
+
+def join_by_size(batches: list[dict], accum: int) -> list[dict]:
+    """`join_batches` over the micro-batches of one step that share an image size (all of them without buckets)."""
+    return [join_batches(group, accum) for group in _by_size(batches)]

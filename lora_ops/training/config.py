@@ -24,7 +24,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .options import (
     RUNTIME,
@@ -38,6 +38,9 @@ from .options import (
     options,
     section,
 )
+
+if TYPE_CHECKING:
+    from ..batching import Buckets
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -72,14 +75,35 @@ class DataSection:
         "auto", "cache the VAE latents: `auto` (when no augmentation changes the images), `on`, `off`"
     )
     cache_text_embeddings: bool = option(True, "cache prompt embeddings while the text encoder is frozen")
+    enable_bucket: bool = option(
+        False,
+        "aspect-ratio bucketing: train each image at the bucket (h, w) nearest its aspect ratio, at most "
+        "resolution² pixels, instead of a square crop; each batch holds one bucket",
+    )
+    bucket_reso_steps: int = option(64, "bucket sides are multiples of this many pixels (64 for Stable Diffusion)")
+    min_bucket_reso: int | None = option(None, "the shortest bucket side; none = resolution / 2")
+    max_bucket_reso: int | None = option(None, "the longest bucket side; none = resolution × 2")
+
+    def buckets(self) -> Buckets | None:
+        """The datasets' aspect-ratio buckets, or None without bucketing."""
+        if not self.enable_bucket:
+            return None
+        from ..batching import Buckets  # torch: not for building the CLI's parsers
+
+        return Buckets(self.resolution, self.bucket_reso_steps, self.min_bucket_reso, self.max_bucket_reso)
 
     def __post_init__(self):
         check_int("resolution", self.resolution, 8)
+        check_int("bucket_reso_steps", self.bucket_reso_steps, 8)
+        for name in ("min_bucket_reso", "max_bucket_reso"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 8)
         check_choice("crop", self.crop, ("center", "random"))
         check_choice("on_bad_files", self.on_bad_files, ("error", "skip"))
         check_float("mask_temperature", self.mask_temperature, 0.0)
         check_choice("cached_latents", self.cached_latents, ("auto", "on", "off"))
         check_bools(self)
+        self.buckets()  # a bucket layout that cannot work fails here, naming the option
         if self.cached_latents == "on" and (self.crop == "random" or self.horizontal_flip or self.color_jitter):
             raise ValueError(
                 "cached_latents='on' cannot be used with random crop, horizontal_flip or color_jitter "

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..dataset import BatchSampler
 from ..lora_file import LoraFile
 from ..losses import clip_ti_decay_, mask_weights
-from .batches import Source, build_batch, cache_latents, join_batches
+from .batches import Source, build_batch, cache_latents, join_by_size
 from .checkpoints import PHASES, global_rng_state, save_checkpoint, set_global_rng_state
 from .compile import CompiledUNet, resolve_compile
 from .config import TrainConfig
@@ -131,7 +130,7 @@ def run_phase(
     aug_gen = torch.Generator().manual_seed(phase_seed + 1)
     noise_gen = torch.Generator().manual_seed(phase_seed + 2)
     for k, source in enumerate(sources):
-        source.sampler = BatchSampler(len(source.dataset), batch_size, phase_seed + 10 + k)
+        source.sampler = source.dataset.batch_sampler(batch_size, phase_seed + 10 + k)
 
     # ---- the token norm prior's target: given, or the mean norm of the base vocabulary's rows
     ti_target = config.ti_target_norm if hasattr(config, "ti_target_norm") else None
@@ -226,30 +225,32 @@ def run_phase(
     all_params = list(params.values())
     t_count = trainee.noise_scheduler.config.num_train_timesteps
 
-    def draw() -> dict:
-        """One micro-batch with its noise and timesteps (the generators advance in a fixed order)."""
-        batch = build_batch(trainee, sources, batch_size, aug_gen, noise_gen)
-        latents = batch["latents"]
-        noise = torch.randn(latents.shape, generator=noise_gen)
-        if config.optim.noise_offset:
-            noise += config.optim.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=noise_gen)
-        timesteps = torch.randint(0, t_count, (latents.shape[0],), generator=noise_gen)
-        batch["noise"], batch["timesteps"] = noise.to(device), timesteps.to(device)
-        batch["pixel_weights"] = None
-        if batch["masks"] is not None:
-            batch["pixel_weights"] = mask_weights(
-                batch["masks"].to(device), latents.shape[-2:], config.data.mask_temperature
-            )
-        return batch
+    def draw() -> list[dict]:
+        """One micro-batch (one batch per image size) with its noise and timesteps (the generators advance in
+        a fixed order)."""
+        batches = build_batch(trainee, sources, batch_size, aug_gen, noise_gen)
+        for batch in batches:
+            latents = batch["latents"]
+            noise = torch.randn(latents.shape, generator=noise_gen)
+            if config.optim.noise_offset:
+                noise += config.optim.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=noise_gen)
+            timesteps = torch.randint(0, t_count, (latents.shape[0],), generator=noise_gen)
+            batch["noise"], batch["timesteps"] = noise.to(device), timesteps.to(device)
+            batch["pixel_weights"] = None
+            if batch["masks"] is not None:
+                batch["pixel_weights"] = mask_weights(
+                    batch["masks"].to(device), latents.shape[-2:], config.data.mask_temperature
+                )
+        return batches
 
     losses: list[float] = []
     began = time.perf_counter()
     bar = tqdm(total=phase.steps, initial=start, desc=phase.name, disable=not config.runtime.progress, leave=False)
     for step in range(start, phase.steps):
         # ---- forward and backward over the micro-batches of one optimizer step (or over all of them at once)
-        micro = [draw() for _ in range(accum)]
+        micro = [batch for _ in range(accum) for batch in draw()]
         if as_batch:
-            micro, divisor = [join_batches(micro, accum)], 1
+            micro, divisor = join_by_size(micro, accum), 1
         else:
             divisor = accum
         step_loss = torch.zeros((), device=device)

@@ -66,6 +66,7 @@ def _pti_dataset(config: PTIConfig, tokens: list[str]) -> ImageDataset:
             use_masks=config.data.use_masks,
             inpainting=config.data.train_inpainting,
             on_bad_files=config.data.on_bad_files,
+            buckets=config.data.buckets(),
         )
     )
     if not any(t in p for p in dataset.all_prompts() for t in tokens):
@@ -87,6 +88,7 @@ def _prior_dataset(config: PTIConfig) -> ImageDataset:
             flip=config.data.horizontal_flip,
             inpainting=config.data.train_inpainting,
             on_bad_files=config.data.on_bad_files,
+            buckets=config.data.buckets(),
         )
     )
 

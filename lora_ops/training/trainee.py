@@ -126,6 +126,14 @@ def load_trainee(config: TrainConfig) -> Trainee:
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if config.data.resolution % factor:
         raise ValueError(f"resolution={config.data.resolution} must be a multiple of {factor} for this VAE")
+    if config.data.enable_bucket:
+        # every bucket side must survive the VAE and each of the UNet's halvings without rounding
+        unet_factor = factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        if config.data.bucket_reso_steps % unet_factor:
+            raise ValueError(
+                f"bucket_reso_steps={config.data.bucket_reso_steps} must be a multiple of {unet_factor} for this "
+                f"model (the VAE's factor {factor} times the UNet's downsampling)"
+            )
     for module in (pipe.vae, *components(pipe).values()):
         module.requires_grad_(False)
         module.eval()
