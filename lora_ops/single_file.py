@@ -2,7 +2,8 @@
 
 `save_single_file` maps a diffusers pipeline's UNet, VAE and CLIP text encoder onto the original key
 layout (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`), driven by
-the models' configs (block counts, layers per block), not by a fixed table, so it covers SD 1.x and
+the models' configs (block counts, layers per block; the UNet names are `lora_ops.original_layout`, shared
+with kohya's SDXL LoRA names), not by a fixed table, so it covers SD 1.x and
 the tiny test model alike. `save_merged_single_file` is `lora-ops add upl-ckpt`: LoRA merged into the
 weights, learned tokens written as an A1111 embedding next to the checkpoint (a checkpoint with a grown
 vocabulary would not load in those tools). The layout is checked by loading the file back with
@@ -20,68 +21,9 @@ from safetensors.torch import save_file
 from .formats import save_a1111_embedding
 from .lora_file import LoraFile, atomic_write, require_finite
 from .merge import add_to_pipeline
+from .original_layout import original_unet_name
 
-_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
-_UNET_TOP = {
-    "time_embedding.linear_1.": "time_embed.0.",
-    "time_embedding.linear_2.": "time_embed.2.",
-    "conv_in.": "input_blocks.0.0.",
-    "conv_norm_out.": "out.0.",
-    "conv_out.": "out.2.",
-}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def _resnet(rest: str) -> str:
-    head, _, tail = rest.partition(".")
-    return f"{_RESNET.get(head, head)}.{tail}"
-
-
-def _layers_per_block(config) -> int:
-    layers = config["layers_per_block"]
-    if not isinstance(layers, int):
-        raise ValueError(f"layers_per_block={layers!r}: only one value for every block is supported")
-    return layers
-
-
-def unet_key_to_original(key: str, config) -> str:
-    """A diffusers UNet2DConditionModel key -> its ldm `model.diffusion_model.` key."""
-    n = _layers_per_block(config) + 1  # ldm blocks per level: resnets (+ attention) and a down/up sampler
-    for old, new in _UNET_TOP.items():
-        if key.startswith(old):
-            return new + key[len(old) :]
-    m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return f"input_blocks.{n * i + j + 1}.{0 if kind == 'resnets' else 1}.{_resnet(rest) if kind == 'resnets' else rest}"
-    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key)
-    if m:
-        return f"input_blocks.{n * (int(m[1]) + 1)}.0.op.{m[2]}"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return (
-            f"output_blocks.{n * i + j}.{0 if kind == 'resnets' else 1}.{_resnet(rest) if kind == 'resnets' else rest}"
-        )
-    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key)
-    if m:
-        i = int(m[1])
-        has_attention = "CrossAttn" in config["up_block_types"][i]
-        return f"output_blocks.{n * i + n - 1}.{2 if has_attention else 1}.{m[2]}"
-    m = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key)
-    if m:
-        return f"middle_block.1.{m[1]}"
-    m = re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key)
-    if m:
-        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
-    raise ValueError(f"UNet key {key!r} has no place in the original layout (not an SD 1.x/2.x UNet?)")
 
 
 def vae_key_to_original(key: str, config) -> str:
@@ -121,7 +63,7 @@ def original_state_dict(pipe, dtype: torch.dtype = torch.float32) -> dict[str, t
         )
     out: dict[str, torch.Tensor] = {}
     for key, value in pipe.unet.state_dict().items():
-        out["model.diffusion_model." + unet_key_to_original(key, pipe.unet.config)] = value
+        out["model.diffusion_model." + original_unet_name(key, pipe.unet.config)] = value
     for key, value in pipe.vae.state_dict().items():
         new = vae_key_to_original(key, pipe.vae.config)
         if ".mid.attn_1." in new and new.endswith(".weight") and value.ndim == 2:

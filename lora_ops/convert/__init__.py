@@ -35,7 +35,6 @@ from .kohya import (
     convert_native_to_kohya,
     is_sdxl_kohya,
     kohya_name,
-    sgm_unet_name,
 )
 from .lora_diffusion import convert_legacy_to_native, convert_native_to_legacy
 
@@ -58,6 +57,5 @@ __all__ = [
     "kohya_name",
     "native_pairs",
     "peft_component",
-    "sgm_unet_name",
     "show_keys",
 ]

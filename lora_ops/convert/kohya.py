@@ -6,7 +6,7 @@ spell them in the original (sgm) UNet's layout, because kohya trains SDXL on tha
 `middle_block.<j>`, `output_blocks.<i>.<j>`, ResNet layers `in_layers.2` / `out_layers.3` / `emb_layers.1` /
 `skip_connection`, and the two text encoders are `lora_te1_` (CLIP ViT-L) and `lora_te2_` (OpenCLIP bigG).
 The block indices follow from `layers_per_block` and which up blocks hold attention, so the SDXL mapping
-takes the UNet's config (`sgm_unet_name`).
+takes the UNet's config (`lora_ops.original_layout`, shared with one-file checkpoints).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ..lora_file import TOKEN_PREFIX
+from ..original_layout import original_unet_name
 from .keys import native_pairs, show_keys
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -63,62 +64,6 @@ _COMPOUNDS = sorted(
     key=lambda w: -w.count("_"),
 )
 
-# ---------------------------------------------------------------- diffusers UNet names -> sgm (SDXL) names
-
-_SGM_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_SGM_TOP = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",
-    "add_embedding.linear_2": "label_emb.0.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-
-
-def _sgm_resnet(rest: str) -> str:
-    head, dot, tail = rest.partition(".")
-    return _SGM_RESNET.get(head, head) + dot + tail
-
-
-def sgm_unet_name(name: str, unet_config: Mapping) -> str:
-    """A diffusers UNet module name in the original SDXL UNet's (sgm) layout, for the UNet of `unet_config`.
-
-    `down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in` (SDXL 1.0: layers_per_block=2);
-    ResNets `down_blocks.0.resnets.1.conv1` -> `input_blocks.2.0.in_layers.2`; the down/upsampler convs
-    become `input_blocks.<i>.0.op` / `output_blocks.<i>.<1|2>.conv` (2 after an attention).
-    """
-    per_block = unet_config["layers_per_block"]
-    if not isinstance(per_block, int):
-        raise ValueError(f"layers_per_block={per_block!r} per block: the sgm layout needs one number for all")
-    step = per_block + 1  # sgm blocks per diffusers down block (ResNets + the downsampler), up blocks: ResNets
-    for diffusers, sgm in _SGM_TOP.items():
-        if name == diffusers or name.startswith(diffusers + "."):
-            return sgm + name[len(diffusers) :]
-    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name):
-        where, i, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
-        index = 1 + i * step + j if where == "down" else i * step + j
-        block = "input_blocks" if where == "down" else "output_blocks"
-        return f"{block}.{index}.0.{_sgm_resnet(rest)}" if kind == "resnets" else f"{block}.{index}.1.{rest}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv(\..+)?", name):
-        return f"input_blocks.{(int(m[1]) + 1) * step}.0.op{m[2] or ''}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv(\..+)?", name):
-        i = int(m[1])
-        after = 2 if str(unet_config["up_block_types"][i]).startswith("CrossAttn") else 1
-        return f"output_blocks.{i * step + per_block}.{after}.conv{m[2] or ''}"
-    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", name):
-        kind, j, rest = m[1], int(m[2]), m[3]
-        return f"middle_block.1.{rest}" if kind == "attentions" else f"middle_block.{2 * j}.{_sgm_resnet(rest)}"
-    raise ValueError(f"unet.{name}: no module of this name in the original SDXL UNet layout")
-
 
 def is_sdxl_kohya(keys: Iterable[str]) -> bool:
     """A kohya file made for SDXL: keys of the two text encoders or UNet keys in the sgm layout."""
@@ -141,7 +86,7 @@ def kohya_name(component: str, name: str, sdxl_unet: Mapping | None = None) -> s
             raise ValueError(f"{component}: SDXL's second text encoder needs the SDXL layout (sdxl_unet=)")
         return KOHYA_PREFIX[component] + name.replace(".", "_")
     if component == "unet":
-        name = sgm_unet_name(name, sdxl_unet)
+        name = original_unet_name(name, sdxl_unet)
     return SDXL_KOHYA_PREFIX[component] + name.replace(".", "_")
 
 
