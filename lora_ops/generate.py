@@ -48,7 +48,7 @@ class GenerateConfig:
     """What to generate.
 
     Args:
-        model: base model (hub id or diffusers folder).
+        model: base model (hub id, diffusers folder or one-file checkpoint `.safetensors` / `.ckpt`).
         prompts: one or more prompts.
         loras: LoRAs with their scales.
         task: "text2img", "img2img" (needs init_image) or "inpaint" (needs init_image, mask_image and an
@@ -57,6 +57,8 @@ class GenerateConfig:
         steps, guidance_scale, negative_prompt, height, width, strength: the usual diffusers arguments
             (strength for img2img/inpaint).
         device, dtype: where to run.
+        model_config: for a one-file checkpoint: a diffusers folder or hub id of the same architecture (its
+            configs and tokenizer); None: diffusers infers them from the hub.
     """
 
     model: str
@@ -74,6 +76,7 @@ class GenerateConfig:
     strength: float = 0.75
     device: str = "cpu"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    model_config: str | None = None
 
     def __post_init__(self):
         if not self.prompts:
@@ -105,7 +108,9 @@ def generate(config: GenerateConfig, pipe=None) -> list[Image.Image]:
     """Generate one image per (prompt, seed), in that order. `pipe` reuses an already loaded pipeline."""
     if pipe is None:
         loras = [load_lora(use.path) for use in config.loras]  # a bad file fails before the model loads
-        pipe = load_pipeline(config.model, device=config.device, dtype=torch_dtype(config.dtype))
+        pipe = load_pipeline(
+            config.model, device=config.device, dtype=torch_dtype(config.dtype), config=config.model_config
+        )
         for i, (use, lora) in enumerate(zip(config.loras, loras)):
             patch_pipeline(pipe, lora, f"lora{i}", use.unet_scale, use.text_encoder_scale)
     pipe = as_task(pipe, config.task)

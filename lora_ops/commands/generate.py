@@ -24,6 +24,7 @@ def run(args) -> int:
         strength=args.strength,
         device=resolve_device(args.device),
         dtype=args.dtype,
+        model_config=args.model_config,
     )
     paths, grid = save_images(generate(config), config, args.out)
     print(f"wrote {len(paths)} images and {grid}")
@@ -42,7 +43,11 @@ def register(sub) -> None:
             "--out imgs/",
         ),
     )
-    p.add_argument("--model", required=True, help="base model: hub id or diffusers folder")
+    p.add_argument("--model", required=True, help="base model: hub id, diffusers folder or one-file .safetensors/.ckpt")
+    p.add_argument(
+        "--model-config",
+        help="for a one-file checkpoint: a diffusers folder or hub id of the same architecture (configs, tokenizer)",
+    )
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     p.add_argument(
         "--lora",

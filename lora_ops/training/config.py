@@ -218,7 +218,14 @@ class ComputeSection:
 class RuntimeSection:
     """Where the files are and how the run is watched: what a resumed run may change."""
 
-    pretrained_model_name_or_path: str = option("", "base model: a diffusers folder or hub id (required)")
+    pretrained_model_name_or_path: str = option(
+        "", "base model: a diffusers folder, a hub id or a one-file checkpoint `.safetensors` / `.ckpt` (required)"
+    )
+    single_file_config: str | None = option(
+        None,
+        "for a one-file checkpoint base: a diffusers folder or hub id of the same architecture whose configs and "
+        "tokenizer it takes; none = diffusers infers them from the hub",
+    )
     instance_data_dir: str = option(
         "", "folder of training images, with captions `name.txt` and masks `name.mask.png` (required)"
     )

@@ -109,6 +109,8 @@ def load_trainee(config: TrainConfig) -> Trainee:
     autocast_dtype = resolve_precision(config.compute.mixed_precision, device)
     kwargs = {"revision": config.revision} if config.revision else {}
     task = "inpaint" if config.data.train_inpainting else "text2img"
+    if config.runtime.single_file_config:
+        kwargs["config"] = config.runtime.single_file_config
     pipe = load_pipeline(config.runtime.pretrained_model_name_or_path, task=task, device="cpu", **kwargs)
     if not config.data.train_inpainting and pipe.unet.config.in_channels != 4:
         raise ValueError(

@@ -1,0 +1,103 @@
+"""One-file checkpoints (`.safetensors` / `.ckpt` in the original layout, as community models are shared) as
+base models: loading for every task, training, generating, and the errors when a file is not one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from lora_ops import load_pipeline, patch_pipeline
+from lora_ops.cli import main as cli
+from lora_ops.lora_file import read_safetensors
+from lora_ops.models import source_is_sdxl
+from lora_ops.single_file import save_single_file
+from lora_ops.training.config import DreamBoothConfig
+from lora_ops.training.dreambooth import train_dreambooth
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _run(pipe, prompt="a photo of sks dog"):
+    g = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="np", generator=g).images
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "community-model.safetensors"
+    save_single_file(load_pipeline(tiny_model), path)
+    return path
+
+
+def test_a_one_file_checkpoint_loads_as_its_folder_does(checkpoint, tiny_model, tmp_path):
+    folder = load_pipeline(tiny_model)
+    single = load_pipeline(checkpoint, config=tiny_model)
+    assert not source_is_sdxl(checkpoint)
+    np.testing.assert_array_equal(_run(single), _run(folder))
+    assert type(load_pipeline(checkpoint, "img2img", config=tiny_model)).__name__ == "StableDiffusionImg2ImgPipeline"
+    ckpt = tmp_path / "model.ckpt"  # the older pickle form: {"state_dict": ...}, read with weights_only
+    save_single_file(folder, ckpt)
+    np.testing.assert_array_equal(_run(load_pipeline(ckpt, config=tiny_model)), _run(folder))
+
+
+def test_training_and_generating_from_a_one_file_base(checkpoint, tiny_model, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"dog{i}.png")
+    config = DreamBoothConfig(
+        pretrained_model_name_or_path=str(checkpoint),
+        single_file_config=str(tiny_model),
+        instance_data_dir=str(data),
+        output_dir=str(tmp_path / "out"),
+        instance_prompt="a photo of sks dog",
+        resolution=32,
+        max_train_steps=3,
+        learning_rate_unet=1e-2,
+        seed=0,
+        progress=False,
+        eval_noises=0,
+    )
+    trained = train_dreambooth(config)
+    assert read_safetensors(trained.path)[1]["base_model"] == str(checkpoint)
+    # the LoRA's module names are the diffusers model's: it patches the folder form of the same model alike
+    on_single = load_pipeline(checkpoint, config=tiny_model)
+    on_folder = load_pipeline(tiny_model)
+    patch_pipeline(on_single, trained.path)
+    patch_pipeline(on_folder, trained.path)
+    expected = _run(on_folder)
+    np.testing.assert_allclose(_run(on_single), expected, atol=1e-6)
+    assert np.abs(expected - _run(load_pipeline(tiny_model))).max() > 1e-4  # training changed something
+
+    out = tmp_path / "g"
+    args = ["generate", "--model", str(checkpoint), "--model-config", str(tiny_model), "--lora", str(trained.path)]
+    args += ["--prompt", "a photo of sks dog", "--steps", "2", "--height", "32", "--width", "32", "--out", str(out)]
+    assert cli(args) == 0
+    assert (out / "grid.png").is_file()
+
+
+def test_files_that_are_not_checkpoints_are_refused_by_name(checkpoint, tiny_model, tmp_path):
+    lora = tmp_path / "a-lora.safetensors"
+    save_file({"unet.x.lora_A.weight": torch.zeros(1, 1)}, lora)
+    with pytest.raises(ValueError, match="not a one-file Stable Diffusion checkpoint .* A LoRA or an embedding"):
+        load_pipeline(lora, config=tiny_model)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="broken.safetensors: not a readable safetensors file"):
+        load_pipeline(broken, config=tiny_model)
+    with pytest.raises(ValueError, match="missing.safetensors: no such checkpoint file"):
+        load_pipeline(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="not a diffusers model folder"):
+        load_pipeline(checkpoint, config=tmp_path)
+    with pytest.raises(ValueError, match="config=.* is for one-file checkpoints"):
+        load_pipeline(tiny_model, config=tiny_model)
+
+
+def test_without_a_config_offline_the_error_says_what_to_pass(checkpoint, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"could not load the checkpoint .*pass config= \(--single_file_config\)"):
+        load_pipeline(checkpoint)
