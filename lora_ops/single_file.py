@@ -1,4 +1,5 @@
-"""One-file Stable Diffusion checkpoints in the original (CompVis/ldm) layout, for A1111 and ComfyUI.
+"""One-file Stable Diffusion and SDXL checkpoints in the original (CompVis ldm / Stability sgm) layout, for A1111
+and ComfyUI.
 
 `save_single_file` maps a diffusers pipeline's UNet, VAE and CLIP text encoder onto the original key
 layout (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`), driven by
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from .formats import save_a1111_embedding
 from .lora_file import LoraFile, atomic_write, require_finite
 from .merge import add_to_pipeline
+from .models import is_sdxl
 from .original_layout import original_unet_name
 
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -53,12 +55,55 @@ def vae_key_to_original(key: str, config) -> str:
     return key  # conv_in, conv_out, norm_out, quant_conv, post_quant_conv keep their names
 
 
+def _text_model_keys(text_encoder) -> dict[str, torch.Tensor]:
+    """A CLIP text model's state dict with the `text_model.` prefix the file layouts keep (transformers 5 dropped
+    the wrapper in the module)."""
+    return {
+        (k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+        for k, v in text_encoder.state_dict().items()
+        if not k.endswith("position_ids")
+    }
+
+
+def open_clip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder (a CLIPTextModelWithProjection) in OpenCLIP's layout, the inverse of diffusers'
+    `convert_open_clip_checkpoint`: q/k/v fused into `attn.in_proj_*`, `text_projection` transposed."""
+    simple = {
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+    inner = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    inner["self_attn.out_proj"] = "attn.out_proj"
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in _text_model_keys(text_encoder).items():
+        if key in simple:
+            out[simple[key]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+        elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+            fused.setdefault((m[1], m[3]), {})[m[2]] = value
+        elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key):
+            if m[2] not in inner:
+                raise ValueError(f"text_encoder_2 key {key!r} has no place in OpenCLIP's layout")
+            out[f"transformer.resblocks.{m[1]}.{inner[m[2]]}.{m[3]}"] = value
+        else:
+            raise ValueError(f"text_encoder_2 key {key!r} has no place in OpenCLIP's layout")
+    for (layer, kind), qkv in fused.items():
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
+    return out
+
+
 def original_state_dict(pipe, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The pipeline's UNet, VAE and CLIP text encoder in the original single-file layout."""
+    """The pipeline's UNet, VAE and text encoder(s) in the original single-file layout (SDXL: Stability's, with
+    `conditioner.embedders.0` CLIP ViT-L and `conditioner.embedders.1` OpenCLIP bigG)."""
+    sdxl = is_sdxl(pipe)
     te_config = pipe.text_encoder.config
-    if getattr(te_config, "hidden_act", "") == "gelu" or te_config.hidden_size == 1024:
+    if not sdxl and (getattr(te_config, "hidden_act", "") == "gelu" or te_config.hidden_size == 1024):
         raise ValueError(
-            "single-file export supports SD 1.x text encoders (CLIP ViT-L style); this one is OpenCLIP-shaped "
+            "single-file export supports SD 1.x and SDXL text encoders; this one is OpenCLIP-shaped "
             f"(hidden_size {te_config.hidden_size}, hidden_act {te_config.hidden_act!r}): an SD 2.x model"
         )
     out: dict[str, torch.Tensor] = {}
@@ -69,10 +114,12 @@ def original_state_dict(pipe, dtype: torch.dtype = torch.float32) -> dict[str, t
         if ".mid.attn_1." in new and new.endswith(".weight") and value.ndim == 2:
             value = value.reshape(*value.shape, 1, 1)  # ldm's VAE attention uses 1×1 convolutions
         out["first_stage_model." + new] = value
-    for key, value in pipe.text_encoder.state_dict().items():
-        if not key.startswith("text_model."):
-            key = "text_model." + key  # transformers 5 dropped the wrapper; the file layout keeps it
-        out["cond_stage_model.transformer." + key] = value
+    clip_prefix = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
+    for key, value in _text_model_keys(pipe.text_encoder).items():
+        out[clip_prefix + key] = value
+    if sdxl:
+        for key, value in open_clip_state_dict(pipe.text_encoder_2).items():
+            out["conditioner.embedders.1.model." + key] = value
     return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in out.items()}
 
 

@@ -120,7 +120,8 @@ _ARCH_CONFIGS: dict[str, dict] = {
         "prediction_type": "v_prediction",
     },
     # SDXL: cross-attention on both encoders' penultimate states side by side (te1 + te2 hidden sizes); the
-    # added embedding takes te2's pooled projection and six size numbers of `addition_time_embed_dim` each
+    # added embedding takes te2's pooled projection and six size numbers of `addition_time_embed_dim` each.
+    # The two encoders differ in width, as SDXL's do (768 and 1280): one-file loaders tell them apart by it
     "sdxl-tiny": {
         "unet": dict(
             block_out_channels=(32, 64),
@@ -129,12 +130,12 @@ _ARCH_CONFIGS: dict[str, dict] = {
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 2),
-            cross_attention_dim=64,
+            cross_attention_dim=32 + 48,
             attention_head_dim=(4, 8),
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 32,
+            projection_class_embeddings_input_dim=6 * 8 + 48,
             norm_num_groups=32,
         ),
         "vae": dict(
@@ -156,14 +157,14 @@ _ARCH_CONFIGS: dict[str, dict] = {
             projection_dim=32,
         ),
         "text_2": dict(
-            hidden_size=32,
+            hidden_size=48,
             intermediate_size=37,
             num_hidden_layers=2,
             num_attention_heads=4,
             vocab_size=1000,
             max_position_embeddings=77,
             hidden_act="gelu",
-            projection_dim=32,
+            projection_dim=48,
         ),
         "prediction_type": "epsilon",
     },

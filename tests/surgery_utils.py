@@ -34,7 +34,10 @@ def random_lora(
     """A LoRA with random factors on the preset targets (every `every`-th module), optionally tokens."""
     gen = torch.Generator().manual_seed(seed)
     lora = LoraFile(metadata={"base_model": "tiny"})
-    for comp, preset in (("unet", unet), ("text_encoder", "text_encoder" if text else None)):
+    second = getattr(pipe, "text_encoder_2", None) if not isinstance(pipe, dict) else pipe.get("text_encoder_2")
+    presets = [("unet", unet), ("text_encoder", "text_encoder" if text else None)]
+    presets.append(("text_encoder_2", "text_encoder" if text and second is not None else None))  # SDXL
+    for comp, preset in presets:
         if preset is None:
             continue
         model = getattr(pipe, comp) if not isinstance(pipe, dict) else pipe[comp]

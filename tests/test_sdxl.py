@@ -71,7 +71,9 @@ def test_tiny_sdxl_loads_as_an_sdxl_pipeline_for_every_task(tiny_sdxl_model):
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     info = describe(pipe)
     assert info.family == "sdxl" and not info.inpainting
-    assert pipe.text_encoder_2.config.projection_dim == 32
+    assert (
+        pipe.text_encoder_2.config.projection_dim == 48
+    )  # wider than text_encoder (32), as SDXL's bigG is than its CLIP-L
     assert type(as_task(pipe, "img2img")).__name__ == "StableDiffusionXLImg2ImgPipeline"
     assert as_task(pipe, "img2img").unet is pipe.unet
     with pytest.raises(ValueError, match="needs an inpainting model"):
@@ -95,7 +97,7 @@ def test_prompt_embeddings_are_the_pipelines(tiny_sdxl_model):
     prompts = ["a photo of sks dog", "a red circle"]
     ours, pooled = encode_prompts(pipe, prompts, torch.device("cpu"))
     theirs, _, theirs_pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
-    assert ours.shape == (2, 77, 64) and pooled.shape == (2, 32)
+    assert ours.shape == (2, 77, 32 + 48) and pooled.shape == (2, 48)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(pooled, theirs_pooled)
 

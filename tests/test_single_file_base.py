@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from lora_ops import load_pipeline, patch_pipeline
+from lora_ops import load_pipeline, patch_pipeline, save_lora
 from lora_ops.cli import main as cli
 from lora_ops.lora_file import read_safetensors
 from lora_ops.models import source_is_sdxl
@@ -101,3 +101,38 @@ def test_without_a_config_offline_the_error_says_what_to_pass(checkpoint, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"could not load the checkpoint .*pass config= \(--single_file_config\)"):
         load_pipeline(checkpoint)
+
+
+def test_sdxl_one_file_checkpoints_round_trip_and_merge(tiny_sdxl_model, tmp_path):
+    """SDXL in Stability's layout (conditioner.embedders.0 CLIP, .1 OpenCLIP with fused q/k/v): every tensor of
+    diffusers' from_single_file is ours, and `add upl-ckpt` of an SDXL LoRA draws the merged model's image."""
+    from safetensors.torch import load_file
+    from surgery_utils import random_lora
+
+    from lora_ops.merge import add_to_pipeline
+
+    pipe = load_pipeline(tiny_sdxl_model)
+    path = save_single_file(pipe, tmp_path / "xl.safetensors")
+    keys = load_file(path)
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    assert source_is_sdxl(path)
+    back = load_pipeline(path, config=tiny_sdxl_model)
+    assert type(back).__name__ == "StableDiffusionXLPipeline"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(back, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), f"{name}.{key}"
+
+    lora = random_lora(pipe, seed=3, r=2, tokens=False)  # no learned tokens: pivotal tuning is not on SDXL yet
+    assert lora.text_encoder_2
+    lora_path = save_lora(tmp_path / "l.safetensors", lora)
+    ckpt = tmp_path / "merged.safetensors"
+    args = ["add", "upl-ckpt", str(lora_path), "--base", str(tiny_sdxl_model), "--out", str(ckpt)]
+    assert cli(args) == 0
+    merged = load_pipeline(tiny_sdxl_model)
+    add_to_pipeline(merged, lora)
+    expected = _run(merged)
+    assert np.abs(expected - _run(pipe)).max() > 1e-4
+    np.testing.assert_allclose(_run(load_pipeline(ckpt, config=tiny_sdxl_model)), expected, atol=1e-5)
