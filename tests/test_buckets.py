@@ -3,19 +3,17 @@ prior preservation across buckets, exact resume, and the options' errors."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_utils import assert_resume_is_exact, dreambooth_config, random_images
 
 from lora_ops.batching import BucketBatchSampler, Buckets
 from lora_ops.cli import main as cli
 from lora_ops.dataset import DatasetConfig, ImageDataset
 from lora_ops.lora_file import read_safetensors
 from lora_ops.training.batches import Source, build_batch
-from lora_ops.training.config import DreamBoothConfig
 from lora_ops.training.dreambooth import train_dreambooth
 from lora_ops.training.trainee import load_trainee, sdxl_time_ids
 
@@ -47,17 +45,8 @@ def test_bucket_layouts_that_cannot_work_are_refused(kwargs, message):
         Buckets(**kwargs)
 
 
-def _images(folder, sizes, seed=1):
-    """Random images of the given (h, w)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (h, w) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
-
-
 def test_each_image_is_trained_at_its_own_aspect_ratio(tmp_path):
-    data = _images(tmp_path / "d", [(48, 96), (96, 48), (64, 64), (50, 101)])
+    data = random_images(tmp_path / "d", [(48, 96), (96, 48), (64, 64), (50, 101)])
     buckets = Buckets(32, step=8)
     ds = ImageDataset(DatasetConfig(data, 32, prompt="x", buckets=buckets))
     assert ds.sizes == [(24, 40), (40, 24), (32, 32), (24, 40)]
@@ -92,27 +81,13 @@ def test_bucket_batches_hold_one_size_cover_every_image_and_resume():
 
 
 def _config(model, data, out, **kw):
-    base = dict(
-        pretrained_model_name_or_path=str(model),
-        instance_data_dir=str(data),
-        output_dir=str(out),
-        instance_prompt="a photo of sks dog",
-        resolution=32,
-        max_train_steps=4,
-        save_steps=2,
-        seed=0,
-        progress=False,
-        eval_noises=0,
-        enable_bucket=True,
-        bucket_reso_steps=8,
-    )
-    base.update(kw)
-    return DreamBoothConfig(**base)
+    bucketing = {"max_train_steps": 4, "save_steps": 2, "enable_bucket": True, "bucket_reso_steps": 8}
+    return dreambooth_config(model, data, out, **{**bucketing, **kw})
 
 
 def test_instance_and_prior_batches_of_different_buckets_train_together(tiny_sdxl_model, tmp_path):
-    data = _images(tmp_path / "inst", [(48, 96), (50, 100)])  # landscape
-    classes = _images(tmp_path / "cls", [(96, 48), (100, 50)], seed=2)  # portrait
+    data = random_images(tmp_path / "inst", [(48, 96), (50, 100)])  # landscape
+    classes = random_images(tmp_path / "cls", [(96, 48), (100, 50)], seed=2)  # portrait
     config = _config(tiny_sdxl_model, data, tmp_path / "out", train_batch_size=2)
     trainee = load_trainee(config)
     dataset_config = dict(resolution=32, buckets=config.data.buckets())
@@ -135,29 +110,13 @@ def test_instance_and_prior_batches_of_different_buckets_train_together(tiny_sdx
     # a full DreamBooth run with prior preservation across buckets, and its exact resume
     kw = dict(with_prior_preservation=True, class_data_dir=str(classes), class_prompt="a photo of dog")
     kw |= dict(num_class_images=2, train_batch_size=2, gradient_accumulation_steps=2)
-    full = train_dreambooth(_config(tiny_sdxl_model, data, tmp_path / "full", **kw))
-    assert np.isfinite(full.metrics["dreambooth/loss"])
-
-    class Stop(Exception):
-        pass
-
-    def crash(step, metrics):
-        if step == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_dreambooth(_config(tiny_sdxl_model, data, tmp_path / "part", **kw), callback=crash)
-    shutil.copytree(tmp_path / "part" / "checkpoints", tmp_path / "retry" / "checkpoints")
-    resumed = train_dreambooth(_config(tiny_sdxl_model, data, tmp_path / "retry", resume="auto", **kw))
-    a, b = read_safetensors(full.path)[0], read_safetensors(resumed.path)[0]
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    tensors = assert_resume_is_exact(lambda out, **more: _config(tiny_sdxl_model, data, out, **kw, **more), tmp_path)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
 def test_bucketing_is_the_same_gradient_as_one_batch_per_size(tiny_model, tmp_path):
     """Accumulating two buckets as batches or in a loop gives the same LoRA (the sizes never mix)."""
-    data = _images(tmp_path / "d", [(48, 96), (96, 48), (50, 100), (100, 50)])
+    data = random_images(tmp_path / "d", [(48, 96), (96, 48), (50, 100), (100, 50)])
     kw = dict(train_batch_size=1, gradient_accumulation_steps=4, max_train_steps=2, save_steps=1000)
     batch = train_dreambooth(_config(tiny_model, data, tmp_path / "b", accumulation="batch", **kw))
     loop = train_dreambooth(_config(tiny_model, data, tmp_path / "l", accumulation="loop", **kw))
@@ -167,7 +126,7 @@ def test_bucketing_is_the_same_gradient_as_one_batch_per_size(tiny_model, tmp_pa
 
 
 def test_bucket_options_are_checked_against_the_model(tiny_model, tmp_path):
-    data = _images(tmp_path / "d", [(48, 96)])
+    data = random_images(tmp_path / "d", [(48, 96)])
     with pytest.raises(ValueError, match="resolution=36 must be a multiple of bucket_reso_steps=8"):
         _config(tiny_model, data, tmp_path / "o", resolution=36)
     with pytest.raises(ValueError, match="bucket_reso_steps=4 must be an integer >= 8"):
@@ -178,7 +137,7 @@ def test_bucket_options_are_checked_against_the_model(tiny_model, tmp_path):
 
 
 def test_cli_trains_with_buckets(tiny_model, tmp_path):
-    data = _images(tmp_path / "d", [(48, 96), (96, 48)])
+    data = random_images(tmp_path / "d", [(48, 96), (96, 48)])
     out = tmp_path / "out"
     args = ["train", "dreambooth", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir"]
     args += [str(data), "--output_dir", str(out), "--instance_prompt", "a photo of sks dog", "--resolution", "32"]

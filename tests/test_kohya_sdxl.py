@@ -13,6 +13,7 @@ from diffusers.loaders.lora_conversion_utils import (
     _convert_non_diffusers_lora_to_diffusers,
     _maybe_map_sgm_blocks_to_diffusers,
 )
+from surgery_utils import random_module
 from torch import nn
 
 from lora_ops import add_to_pipeline, load_pipeline
@@ -84,14 +85,7 @@ def _random_lora(models: dict, r: int = 2, seed: int = 0) -> LoraFile:
     }
     for comp, names in wanted.items():
         for name in names:
-            layer = get_module(models[comp], name)
-            if isinstance(layer, nn.Conv2d):
-                a = torch.randn(r, layer.in_channels, *layer.kernel_size, generator=g)
-                b = torch.randn(layer.out_channels, r, 1, 1, generator=g)
-            else:
-                a = torch.randn(r, layer.in_features, generator=g)
-                b = torch.randn(layer.out_features, r, generator=g)
-            lora.component(comp)[canonical_name(comp, name)] = LoraModule(a * 0.05, b * 0.05)
+            lora.component(comp)[canonical_name(comp, name)] = random_module(get_module(models[comp], name), r, g)
     return lora
 
 
@@ -149,12 +143,7 @@ def test_sdxl_1_0_kohya_files_are_read_and_written_without_a_base(tmp_path):
     g = torch.Generator().manual_seed(0)
     lora = LoraFile()
     for name in KNOWN:
-        layer = get_module(models["unet"], name)
-        if isinstance(layer, nn.Conv2d):
-            shape_a, shape_b = (2, layer.in_channels, *layer.kernel_size), (layer.out_channels, 2, 1, 1)
-        else:
-            shape_a, shape_b = (2, layer.in_features), (layer.out_features, 2)
-        lora.unet[name] = LoraModule(torch.randn(*shape_a, generator=g), torch.randn(*shape_b, generator=g))
+        lora.unet[name] = random_module(get_module(models["unet"], name), 2, g, scale=1.0)
     lora.text_encoder_2["text_model.encoder.layers.3.self_attn.k_proj"] = LoraModule(
         torch.randn(2, 1280, generator=g), torch.randn(1280, 2, generator=g)
     )

@@ -3,12 +3,11 @@ the UNet and both text encoders, exact resume, and files that diffusers' SDXL pi
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_utils import assert_resume_is_exact, dreambooth_config, random_images
 
 from lora_ops import add_to_pipeline, load_lora, load_pipeline, patch_pipeline
 from lora_ops.dataset import DatasetConfig, ImageDataset, collate
@@ -16,7 +15,7 @@ from lora_ops.formats import lora_family, write_any
 from lora_ops.lora_file import read_safetensors
 from lora_ops.models import as_task, describe
 from lora_ops.tiny import build_models
-from lora_ops.training.config import DreamBoothConfig, PTIConfig
+from lora_ops.training.config import PTIConfig
 from lora_ops.training.dreambooth import train_dreambooth
 from lora_ops.training.pti import train_pti
 from lora_ops.training.trainee import encode_prompts, sdxl_time_ids
@@ -26,29 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def make_images(folder, sizes=((40, 56), (64, 48))):
     """Random RGB images of the given (h, w), neither square."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    for i, (h, w) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"dog{i}.png")
-    return folder
+    return random_images(folder, sizes, stem="dog")
 
 
 def db_config(model, data, out, **kw):
-    base = dict(
-        pretrained_model_name_or_path=str(model),
-        instance_data_dir=str(data),
-        output_dir=str(out),
-        instance_prompt="a photo of sks dog",
-        resolution=32,
-        max_train_steps=4,
-        save_steps=1000,
-        seed=0,
-        progress=False,
-        eval_noises=0,
-        train_text_encoder=True,
-    )
-    base.update(kw)
-    return DreamBoothConfig(**base)
+    return dreambooth_config(model, data, out, **{"max_train_steps": 4, "train_text_encoder": True, **kw})
 
 
 def _run(pipe, prompt="a photo of sks dog"):
@@ -181,23 +162,8 @@ def test_diffusers_sdxl_pipeline_loads_our_files_to_the_same_image(trained, tiny
 def test_resume_is_bit_identical_on_sdxl(tiny_sdxl_model, tmp_path):
     data = make_images(tmp_path / "data")
     kw = dict(save_steps=2, horizontal_flip=True, crop="random")  # per-step crops: the size conditioning varies
-    full = train_dreambooth(db_config(tiny_sdxl_model, data, tmp_path / "full", **kw))
-
-    class Stop(Exception):
-        pass
-
-    def crash(step, metrics):
-        if step == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_dreambooth(db_config(tiny_sdxl_model, data, tmp_path / "part", **kw), callback=crash)
-    shutil.copytree(tmp_path / "part" / "checkpoints", tmp_path / "retry" / "checkpoints")
-    resumed = train_dreambooth(db_config(tiny_sdxl_model, data, tmp_path / "retry", resume="auto", **kw))
-    a, b = read_safetensors(full.path)[0], read_safetensors(resumed.path)[0]
-    assert sorted(a) == sorted(b) and any(k.startswith("text_encoder_2.") for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    tensors = assert_resume_is_exact(lambda out, **more: db_config(tiny_sdxl_model, data, out, **kw, **more), tmp_path)
+    assert any(k.startswith("text_encoder_2.") for k in tensors)
 
 
 def test_what_sdxl_does_not_support_yet_is_refused_clearly(trained, tiny_sdxl_model, tiny_model, tmp_path):

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_utils import dreambooth_config, random_images
 
 from lora_ops.batching import BatchSampler
 from lora_ops.dataset import DatasetConfig, ImageDataset
 from lora_ops.lora_file import load_lora
 from lora_ops.training.batches import Source, build_batch
-from lora_ops.training.config import DreamBoothConfig
 from lora_ops.training.dreambooth import train_dreambooth
 from lora_ops.training.trainee import load_trainee
 
@@ -21,35 +21,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_images(folder, n=2, size=32):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"dog{i}.png")
-    return folder
-
-
-def db_config(model, data, out, **kw):
-    base = dict(
-        pretrained_model_name_or_path=str(model),
-        instance_data_dir=str(data),
-        output_dir=str(out),
-        instance_prompt="a photo of sks dog",
-        resolution=32,
-        max_train_steps=3,
-        save_steps=1000,
-        seed=0,
-        progress=False,
-        eval_noises=0,
-    )
-    base.update(kw)
-    return DreamBoothConfig(**base)
+    return random_images(folder, [(size, size)] * n, stem="dog")
 
 
 def test_prior_preservation_generates_class_images_and_trains(tiny_model, tmp_path):
     data = make_images(tmp_path / "instance")
     classes = tmp_path / "class"
     make_images(classes, n=1)  # one class image given, one more needed
-    config = db_config(
+    config = dreambooth_config(
         tiny_model,
         data,
         tmp_path / "out",
@@ -76,7 +55,7 @@ def test_prior_preservation_generates_class_images_and_trains(tiny_model, tmp_pa
     assert result.checkpoints[-1].name == "dreambooth-000003"
     # a second run finds enough class images and generates none
     again = train_dreambooth(
-        db_config(
+        dreambooth_config(
             tiny_model,
             data,
             tmp_path / "out2",
@@ -92,7 +71,7 @@ def test_prior_preservation_generates_class_images_and_trains(tiny_model, tmp_pa
 
 def test_prior_loss_weight_weights_the_class_half_of_each_batch(tiny_model, tmp_path):
     data, classes = make_images(tmp_path / "instance"), make_images(tmp_path / "class", n=3)
-    config = db_config(tiny_model, data, tmp_path / "out", train_batch_size=2)
+    config = dreambooth_config(tiny_model, data, tmp_path / "out", train_batch_size=2)
     trainee = load_trainee(config)
     sources = [
         Source(ImageDataset(DatasetConfig(data, 32, prompt="a photo of sks dog")), 1.0, BatchSampler(2, 2, 0)),
@@ -108,13 +87,13 @@ def test_prior_loss_weight_weights_the_class_half_of_each_batch(tiny_model, tmp_
 def test_dreambooth_validation(tiny_model, tmp_path):
     data = make_images(tmp_path / "instance")
     with pytest.raises(ValueError, match="instance_prompt is required"):
-        db_config(tiny_model, data, tmp_path, instance_prompt="")
+        dreambooth_config(tiny_model, data, tmp_path, instance_prompt="")
     with pytest.raises(ValueError, match="needs class_prompt"):
-        db_config(tiny_model, data, tmp_path, with_prior_preservation=True, class_data_dir=str(tmp_path))
+        dreambooth_config(tiny_model, data, tmp_path, with_prior_preservation=True, class_data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="prior_loss_weight=-1"):
-        db_config(tiny_model, data, tmp_path, prior_loss_weight=-1)
+        dreambooth_config(tiny_model, data, tmp_path, prior_loss_weight=-1)
     with pytest.raises(ValueError, match="is a 'tuning' checkpoint|not a complete checkpoint"):
-        train_dreambooth(db_config(tiny_model, data, tmp_path / "o", resume=str(tmp_path / "tuning-000001")))
+        train_dreambooth(dreambooth_config(tiny_model, data, tmp_path / "o", resume=str(tmp_path / "tuning-000001")))
 
 
 def test_dreambooth_cli(tiny_model, tmp_path, capsys):
