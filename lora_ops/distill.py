@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .devices import resolve_device
 from .lora_file import LoraFile, LoraModule
+from .models import components
 from .targets import canonical_name, resolve_targets
 
 
@@ -31,7 +32,7 @@ class DistillConfig:
     Args:
         rank: the LoRA rank r (capped per module at min(out, in·kh·kw)).
         unet_targets: preset ("unet", "unet-extended") or module names/regexes of the UNet; None: skip.
-        text_encoder_targets: the same for the text encoder ("text_encoder"); None: skip.
+        text_encoder_targets: the same for the text encoder ("text_encoder"), both of SDXL's; None: skip.
         clamp_quantile: clamp the factors to this quantile of their values (1.0: no clamp).
         method: "full" (exact SVD) or "randomized" (torch.svd_lowrank; faster on large layers).
         oversample, niter: randomized SVD's extra columns and power iterations.
@@ -74,22 +75,26 @@ class DistillReport:
 
 
 def _components(model: Any) -> dict[str, Any]:
-    """{"unet", "text_encoder", "tokenizer"?} of a pipeline, a dict, or a diffusers folder (loaded)."""
+    """{"unet", "text_encoder", "text_encoder_2" (SDXL), "tokenizer"?} of a pipeline, a dict, or a diffusers
+    folder (loaded)."""
     if hasattr(model, "unet"):
-        return {"unet": model.unet, "text_encoder": model.text_encoder, "tokenizer": getattr(model, "tokenizer", None)}
+        return {**components(model), "tokenizer": getattr(model, "tokenizer", None)}
     if isinstance(model, dict):
         return model
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(model)
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"{model}: not a diffusers model folder (no model_index.json)")
-    return {
+    out = {
         "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
         "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
         "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
     }
+    if (folder / "text_encoder_2" / "config.json").is_file():
+        out["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+    return out
 
 
 def _clamp_value(u: torch.Tensor, vh: torch.Tensor, q: float) -> float:
@@ -130,9 +135,12 @@ def distill(
     tuned_c, base_c = _components(tuned), _components(base)
     lora, report = LoraFile(), DistillReport()
     jobs = []
-    for comp, targets in (("unet", config.unet_targets), ("text_encoder", config.text_encoder_targets)):
+    text_encoders = ["text_encoder"] + (["text_encoder_2"] if "text_encoder_2" in base_c else [])  # SDXL: both
+    for comp, targets in [("unet", config.unet_targets)] + [(c, config.text_encoder_targets) for c in text_encoders]:
         if targets is None:
             continue
+        if comp not in tuned_c:
+            raise ValueError(f"mismatched bases: the base has a {comp}, the tuned model has none")
         names = resolve_targets(base_c[comp], targets)
         for name in names:
             jobs.append((comp, name))

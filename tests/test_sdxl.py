@@ -207,3 +207,26 @@ def test_cli_trains_inspects_and_generates_with_an_sdxl_base(tiny_sdxl_model, tm
     assert cli(args) == 0
     images = [np.asarray(Image.open(tmp_path / d / "grid.png")) for d in ("base", "g")]
     assert images[0].shape == images[1].shape and np.abs(images[0].astype(int) - images[1]).max() > 0
+
+
+def test_distill_and_resize_cover_both_text_encoders(tiny_sdxl_model):
+    """SVD distillation of (base + LoRA) - base gives the LoRA back on the UNet and both text encoders, and
+    resizing keeps all three."""
+    from surgery_utils import random_lora
+
+    from lora_ops.distill import DistillConfig, distill
+    from lora_ops.resize import ResizeConfig, resize_lora
+
+    base = load_pipeline(tiny_sdxl_model)
+    lora = random_lora(base, seed=5, r=4, tokens=False)
+    tuned = load_pipeline(tiny_sdxl_model)
+    add_to_pipeline(tuned, lora)
+    got, report = distill(tuned, base, DistillConfig(rank=4, clamp_quantile=1.0), progress=False)
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        assert sorted(got.component(comp)) == sorted(lora.component(comp)) and lora.component(comp), comp
+        for name, mod in lora.component(comp).items():
+            torch.testing.assert_close(got.component(comp)[name].delta(), mod.delta(), atol=1e-5, rtol=1e-4)
+    small, _ = resize_lora(got, ResizeConfig(rank=2), progress=False)
+    assert all(m.r == 2 for m in small.text_encoder_2.values()) and len(small.text_encoder_2) == len(
+        lora.text_encoder_2
+    )
