@@ -153,3 +153,31 @@ def test_sdxl_time_ids_of_a_bucket_batch():
         "crop_top_left": torch.tensor([[0, 4], [0, 3]]),
     }
     assert sdxl_time_ids(batch).tolist() == [[48, 96, 0, 4, 24, 40], [50, 100, 0, 3, 24, 40]]
+
+
+def test_bucketing_is_on_by_default_for_sdxl_and_off_for_sd1(tiny_model, tiny_sdxl_model, tmp_path, monkeypatch):
+    data = random_images(tmp_path / "d", [(48, 96)])
+    sd1 = dreambooth_config(tiny_model, data, tmp_path / "o")
+    xl = dreambooth_config(tiny_sdxl_model, data, tmp_path / "o", bucket_reso_steps=8)
+    assert sd1.data.enable_bucket is None and sd1.data.buckets(sdxl=False) is None
+    assert xl.data.buckets(sdxl=True) == Buckets(32, step=8)
+    assert load_trainee(xl).sdxl and load_trainee(sd1) is not None
+    off = dreambooth_config(tiny_sdxl_model, data, tmp_path / "o", enable_bucket=False)
+    assert off.data.buckets(sdxl=True) is None
+    # the default step (64) does not divide 32 px: the error says that bucketing is on by default and how to
+    # turn it off
+    with pytest.raises(ValueError, match="on by default for SDXL bases: set bucket_reso_steps, or enable_bucket false"):
+        load_trainee(dreambooth_config(tiny_sdxl_model, data, tmp_path / "o"))
+    import lora_ops.training.dreambooth as trainer
+
+    seen = []
+
+    class Recording(ImageDataset):
+        def __init__(self, config):
+            super().__init__(config)
+            seen.append(self.sizes)
+
+    monkeypatch.setattr(trainer, "ImageDataset", Recording)
+    train_dreambooth(dreambooth_config(tiny_sdxl_model, data, tmp_path / "xl", bucket_reso_steps=8))
+    train_dreambooth(dreambooth_config(tiny_model, data, tmp_path / "sd1"))
+    assert seen == [[(24, 40)], [(32, 32)]]  # SDXL keeps the 1:2 image's shape, SD 1.x crops a square

@@ -29,7 +29,9 @@ def make_images(folder, sizes=((40, 56), (64, 48))):
 
 
 def db_config(model, data, out, **kw):
-    return dreambooth_config(model, data, out, **{"max_train_steps": 4, "train_text_encoder": True, **kw})
+    # bucketing is on by default for SDXL; at 32 px its sides step by 8
+    defaults = {"max_train_steps": 4, "train_text_encoder": True, "bucket_reso_steps": 8}
+    return dreambooth_config(model, data, out, **{**defaults, **kw})
 
 
 def _run(pipe, prompt="a photo of sks dog"):
@@ -194,6 +196,7 @@ def test_cli_trains_inspects_and_generates_with_an_sdxl_base(tiny_sdxl_model, tm
     args = ["--pretrained_model_name_or_path", str(tiny_sdxl_model), "--instance_data_dir", str(data)]
     args += ["--output_dir", str(out), "--instance_prompt", "a photo of sks dog", "--resolution", "32"]
     args += ["--max_train_steps", "2", "--train_text_encoder", "--learning_rate_unet", "1e-2", "--progress", "false"]
+    args += ["--bucket_reso_steps", "8"]
     assert cli(["train", "dreambooth", *args]) == 0
     lora = out / "final_lora.safetensors"
     assert lora.is_file()

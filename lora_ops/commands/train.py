@@ -72,7 +72,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         kwargs: dict = {"dest": o.name, "default": argparse.SUPPRESS, "help": _flag_help(o)}
         origin = typing.get_origin(inner)
         if inner is bool:
-            kwargs.update(nargs="?", const=True, type=_bool, metavar="BOOL")
+            kwargs.update(nargs="?", const=True, type=_optional(_bool) if optional else _bool, metavar="BOOL")
         elif origin is typing.Literal:
             choices = list(typing.get_args(inner))
             kwargs.update(choices=choices + (["none"] if optional else []), type=str)

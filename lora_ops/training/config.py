@@ -75,18 +75,23 @@ class DataSection:
         "auto", "cache the VAE latents: `auto` (when no augmentation changes the images), `on`, `off`"
     )
     cache_text_embeddings: bool = option(True, "cache prompt embeddings while the text encoder is frozen")
-    enable_bucket: bool = option(
-        False,
+    enable_bucket: bool | None = option(
+        None,
         "aspect-ratio bucketing: train each image at the bucket (h, w) nearest its aspect ratio, at most "
-        "resolution² pixels, instead of a square crop; each batch holds one bucket",
+        "resolution² pixels, instead of a square crop; each batch holds one bucket. none = on for SDXL bases, "
+        "off (square crops) for SD 1.x/2.x",
     )
     bucket_reso_steps: int = option(64, "bucket sides are multiples of this many pixels (64 for Stable Diffusion)")
     min_bucket_reso: int | None = option(None, "the shortest bucket side; none = resolution / 2")
     max_bucket_reso: int | None = option(None, "the longest bucket side; none = resolution × 2")
 
-    def buckets(self) -> Buckets | None:
-        """The datasets' aspect-ratio buckets, or None without bucketing."""
-        if not self.enable_bucket:
+    def bucketing(self, sdxl: bool) -> bool:
+        """Whether the datasets are bucketed, for an SDXL base or not."""
+        return sdxl if self.enable_bucket is None else self.enable_bucket
+
+    def buckets(self, sdxl: bool = False) -> Buckets | None:
+        """The datasets' aspect-ratio buckets (for an SDXL base or not), or None without bucketing."""
+        if not self.bucketing(sdxl):
             return None
         from ..batching import Buckets  # torch: not for building the CLI's parsers
 
@@ -103,7 +108,10 @@ class DataSection:
         check_float("mask_temperature", self.mask_temperature, 0.0)
         check_choice("cached_latents", self.cached_latents, ("auto", "on", "off"))
         check_bools(self)
-        self.buckets()  # a bucket layout that cannot work fails here, naming the option
+        if self.enable_bucket is not None and not isinstance(self.enable_bucket, bool):
+            raise ValueError(f"enable_bucket={self.enable_bucket!r} must be true, false or none")
+        if self.enable_bucket:
+            self.buckets()  # a bucket layout that cannot work fails here, naming the option
         if self.cached_latents == "on" and (self.crop == "random" or self.horizontal_flip or self.color_jitter):
             raise ValueError(
                 "cached_latents='on' cannot be used with random crop, horizontal_flip or color_jitter "

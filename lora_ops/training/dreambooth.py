@@ -81,7 +81,7 @@ def train_dreambooth(config: DreamBoothConfig, callback: Callback | None = None)
                 color_jitter=config.data.color_jitter,
                 use_masks=use_masks,
                 on_bad_files=config.data.on_bad_files,
-                buckets=config.data.buckets(),
+                buckets=config.data.buckets(trainee.sdxl),
             )
         )
 

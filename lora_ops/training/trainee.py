@@ -128,7 +128,15 @@ def load_trainee(config: TrainConfig) -> Trainee:
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if config.data.resolution % factor:
         raise ValueError(f"resolution={config.data.resolution} must be a multiple of {factor} for this VAE")
-    if config.data.enable_bucket:
+    if config.data.bucketing(is_sdxl(pipe)):
+        if config.data.enable_bucket is None:  # on by default for SDXL: say how to turn it off
+            try:
+                config.data.buckets(sdxl=True)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{exc} (aspect-ratio bucketing is on by default for SDXL bases: set bucket_reso_steps, "
+                    "or enable_bucket false for square crops)"
+                ) from None
         # every bucket side must survive the VAE and each of the UNet's halvings without rounding
         unet_factor = factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
         if config.data.bucket_reso_steps % unet_factor:
