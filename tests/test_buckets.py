@@ -181,3 +181,25 @@ def test_bucketing_is_on_by_default_for_sdxl_and_off_for_sd1(tiny_model, tiny_sd
     train_dreambooth(dreambooth_config(tiny_sdxl_model, data, tmp_path / "xl", bucket_reso_steps=8))
     train_dreambooth(dreambooth_config(tiny_model, data, tmp_path / "sd1"))
     assert seen == [[(24, 40)], [(32, 32)]]  # SDXL keeps the 1:2 image's shape, SD 1.x crops a square
+
+
+def test_masks_follow_their_images_into_the_bucket(tmp_path):
+    """A 1:2 image whose left third is red, its mask white there: the bucketed sample and mask still agree."""
+    from lora_ops.image_files import MASK_SUFFIX
+
+    image = np.zeros((48, 96, 3), dtype=np.uint8)
+    image[:, :32] = (255, 0, 0)
+    mask = np.zeros((48, 96), dtype=np.uint8)
+    mask[:, :32] = 255
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(mask).save(tmp_path / f"a{MASK_SUFFIX}")
+    config = DatasetConfig(
+        tmp_path, 32, prompt="x", use_masks=True, crop="random", flip=True, buckets=Buckets(32, step=8)
+    )
+    ds = ImageDataset(config)
+    for seed in range(4):
+        sample = ds.sample(0, torch.Generator().manual_seed(seed))
+        assert sample["mask"].shape == (1, 24, 40) and sample["pixel_values"].shape == (3, 24, 40)
+        red = sample["pixel_values"][0] > 0.5
+        assert torch.equal(red, sample["mask"][0] > 0.5)
+        assert 0 < red.float().mean() < 1
