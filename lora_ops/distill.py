@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .devices import resolve_device
 from .lora_file import LoraFile, LoraModule
-from .models import components
+from .models import components, is_single_file, load_pipeline
 from .targets import canonical_name, resolve_targets
 
 
@@ -74,9 +74,11 @@ class DistillReport:
         return "\n".join(lines)
 
 
-def _components(model: Any) -> dict[str, Any]:
-    """{"unet", "text_encoder", "text_encoder_2" (SDXL), "tokenizer"?} of a pipeline, a dict, or a diffusers
-    folder (loaded)."""
+def _components(model: Any, model_config: Any = None) -> dict[str, Any]:
+    """{"unet", "text_encoder", "text_encoder_2" (SDXL), "tokenizer"?} of a pipeline, a dict, a diffusers folder or
+    a one-file checkpoint (loaded; `model_config` as `load_pipeline`'s `config`)."""
+    if isinstance(model, (str, Path)) and is_single_file(model):
+        model = load_pipeline(model, config=model_config)
     if hasattr(model, "unet"):
         return {**components(model), "tokenizer": getattr(model, "tokenizer", None)}
     if isinstance(model, dict):
@@ -124,15 +126,20 @@ def distill_delta(delta: torch.Tensor, config: DistillConfig) -> tuple[torch.Ten
 
 @torch.no_grad()
 def distill(
-    tuned: Any, base: Any, config: DistillConfig | None = None, progress: bool = True
+    tuned: Any, base: Any, config: DistillConfig | None = None, progress: bool = True, model_config: Any = None
 ) -> tuple[LoraFile, DistillReport]:
-    """A LoRA approximating `tuned` - `base` (pipelines, {"unet", "text_encoder"} dicts, or folders).
+    """A LoRA approximating `tuned` - `base` (pipelines, {"unet", "text_encoder"} dicts, folders, or one-file
+    checkpoints: a community fine-tune extracted as a LoRA against its base).
+
+    Args:
+        model_config: for one-file checkpoints: a diffusers folder or hub id of their architecture (configs,
+            tokenizer), as `load_pipeline`'s `config`.
 
     Raises ValueError when the two models' targeted layers differ in shape (mismatched bases).
     """
     config = config or DistillConfig()
     device = resolve_device(config.device)
-    tuned_c, base_c = _components(tuned), _components(base)
+    tuned_c, base_c = _components(tuned, model_config), _components(base, model_config)
     lora, report = LoraFile(), DistillReport()
     jobs = []
     text_encoders = ["text_encoder"] + (["text_encoder_2"] if "text_encoder_2" in base_c else [])  # SDXL: both

@@ -68,7 +68,7 @@ def detect_format(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None
         return "lora_diffusion"
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", BUNDLE_PREFIX)) for k in keys):
         return "kohya"
-    if any(k.startswith(("unet.", "text_encoder.")) for k in keys):
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
         return "diffusers"
     if set(keys) <= {
         "emb_params",

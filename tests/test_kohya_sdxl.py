@@ -188,3 +188,10 @@ def test_cli_converts_sdxl_loras_to_kohya_and_back(tiny_sdxl_model, tmp_path, ca
     theirs.load_lora_weights(str(back))
     add_to_pipeline(pipe, lora)
     np.testing.assert_allclose(_run(theirs), _run(pipe), atol=1e-4)
+
+
+def test_a_diffusers_file_of_the_second_text_encoder_alone_is_detected():
+    from lora_ops.formats import detect_format
+
+    only_te2 = {"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1, 48)}
+    assert detect_format(only_te2) == "diffusers"

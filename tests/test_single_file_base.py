@@ -136,3 +136,26 @@ def test_sdxl_one_file_checkpoints_round_trip_and_merge(tiny_sdxl_model, tmp_pat
     expected = _run(merged)
     assert np.abs(expected - _run(pipe)).max() > 1e-4
     np.testing.assert_allclose(_run(load_pipeline(ckpt, config=tiny_sdxl_model)), expected, atol=1e-5)
+
+
+def test_a_one_file_fine_tune_is_distilled_against_a_one_file_base(tiny_model, tmp_path):
+    """kohya's "extract LoRA from models": both models as one-file checkpoints, through the CLI."""
+    from surgery_utils import random_lora
+
+    from lora_ops.lora_file import load_lora
+    from lora_ops.merge import add_to_pipeline
+
+    base = load_pipeline(tiny_model)
+    lora = random_lora(base, seed=4, r=2, tokens=False)
+    base_file = save_single_file(base, tmp_path / "base.safetensors")
+    tuned = load_pipeline(tiny_model)
+    add_to_pipeline(tuned, lora)
+    tuned_file = save_single_file(tuned, tmp_path / "finetune.safetensors")
+    out = tmp_path / "extracted.safetensors"
+    args = ["distill", str(out), "--tuned", str(tuned_file), "--base", str(base_file), "--rank", "2"]
+    assert cli([*args, "--model-config", str(tiny_model), "--clamp-quantile", "1"]) == 0
+    got = load_lora(out)
+    for comp in ("unet", "text_encoder"):
+        assert sorted(got.component(comp)) == sorted(lora.component(comp)), comp
+        for name, mod in lora.component(comp).items():
+            torch.testing.assert_close(got.component(comp)[name].delta(), mod.delta(), atol=1e-5, rtol=1e-4)

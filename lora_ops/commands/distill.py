@@ -17,7 +17,7 @@ def run(args) -> int:
         method=args.method,
         device=resolve_device(args.device),
     )
-    lora, report = distill(args.tuned, args.base, config)
+    lora, report = distill(args.tuned, args.base, config, model_config=args.model_config)
     lora.metadata["base_model"] = str(args.base)
     save_lora(args.output, lora, dtype=args.dtype)
     print(report.table())
@@ -33,13 +33,19 @@ def register(sub) -> None:
         "lora_distill / cli_svd).",
         **examples(
             "lora-ops distill d.safetensors --tuned ./dreambooth-model --base ./sd15 --rank 16",
+            "lora-ops distill d.safetensors --tuned finetune.safetensors --base sd15.safetensors --model-config ./sd15 "
+            "--rank 32",
             "lora-ops distill d.safetensors --tuned ./tuned --base ./sd15 --rank 4 --unet-targets unet-extended "
             "--clamp-quantile 1",
         ),
     )
     p.add_argument("output", help="native LoRA file to write")
-    p.add_argument("--tuned", required=True, help="fine-tuned diffusers folder")
-    p.add_argument("--base", required=True, help="base diffusers folder it was tuned from")
+    p.add_argument("--tuned", required=True, help="fine-tuned diffusers folder or one-file .safetensors/.ckpt")
+    p.add_argument("--base", required=True, help="base it was tuned from: diffusers folder or one-file checkpoint")
+    p.add_argument(
+        "--model-config",
+        help="for one-file checkpoints: a diffusers folder or hub id of their architecture (configs, tokenizer)",
+    )
     p.add_argument("--rank", type=int, default=4, help="rank of the LoRA (default: 4)")
     p.add_argument(
         "--unet-targets", default="unet", help="unet, unet-extended (adds resnet convs) or none (default: unet)"
