@@ -208,6 +208,24 @@ PARAMS = {
         description="Training and evaluation image size in pixels (a multiple of 8)",
         section="Training",
     ),
+    "enable_bucket": Param(
+        "auto",
+        enum=["auto", "true", "false"],
+        title="Aspect-ratio bucketing",
+        description="Train each image at its own aspect ratio: auto = on for SDXL bases, off (square crops) "
+        "for SD 1.x/2.x",
+        section="Training",
+    ),
+    "bucket_reso_steps": Param(
+        64,
+        type="integer",
+        minimum=8,
+        maximum=256,
+        multipleOf=8,
+        title="Bucket step",
+        description="Bucket sides step by this many pixels (64; smaller for small test models)",
+        section="Training",
+    ),
     "seed": Param(
         0,
         type="integer",
@@ -363,6 +381,8 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
     model = ["--base-model", params["base_model"]]
     shape = ["--resolution", str(params["resolution"]), "--seed", str(params["seed"])]
     shape += ["--batch-size", str(params.get("batch_size", 1))]
+    buckets = ["--enable-bucket", str(params.get("enable_bucket", "auto"))]
+    buckets += ["--bucket-reso-steps", str(params.get("bucket_reso_steps", 64))]
 
     preprocess = [*common, *device, "--dataset", params["dataset_uri"], "--out", out["preprocess"]]
     preprocess += ["--resolution", str(params["resolution"])]
@@ -376,7 +396,7 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
     invert += ["--placeholder-tokens", params["placeholder_tokens"], "--template", params["template"]]
     if init:
         invert += ["--initializer-tokens", init]
-    invert += ["--steps", str(params["invert_steps"]), "--lr", str(params["invert_lr"]), *shape]
+    invert += ["--steps", str(params["invert_steps"]), "--lr", str(params["invert_lr"]), *shape, *buckets]
     masks = ["--use-masks"] if params["use_masks"] else []
     invert += masks
     tune = [*common, *device, "--dataset", out["preprocess"], "--tokens", out["invert"], *model, "--out", out["tune"]]
@@ -384,7 +404,7 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
     tune += ["--lr-unet", str(params["tune_lr_unet"]), "--lr-text", str(params["tune_lr_text"])]
     if float(params["tune_lr_text"]) > 0:
         tune += ["--train-text-encoder"]
-    tune += [*shape, *masks]
+    tune += [*shape, *buckets, *masks]
     distill = [[*common, *device, "--lora", out["tune"], "--rank", str(r), "--out", distill_out[r]] for r in ranks]
     evaluate = [*common, *device, "--dataset", out["preprocess"], *model, "--out", out["evaluate"]]
     for r in ranks:

@@ -75,12 +75,13 @@ class DistillReport:
 
 
 def _components(model: Any, model_config: Any = None) -> dict[str, Any]:
-    """{"unet", "text_encoder", "text_encoder_2" (SDXL), "tokenizer"?} of a pipeline, a dict, a diffusers folder or
+    """{"unet", "text_encoder", "text_encoder_2" (SDXL), "tokenizer"?, "tokenizer_2"?} of a pipeline, a dict, a diffusers folder or
     a one-file checkpoint (loaded; `model_config` as `load_pipeline`'s `config`)."""
     if isinstance(model, (str, Path)) and is_single_file(model):
         model = load_pipeline(model, config=model_config)
     if hasattr(model, "unet"):
-        return {**components(model), "tokenizer": getattr(model, "tokenizer", None)}
+        tokenizers = {name: getattr(model, name, None) for name in ("tokenizer", "tokenizer_2")}
+        return {**components(model), **{k: v for k, v in tokenizers.items() if v is not None}}
     if isinstance(model, dict):
         return model
     from diffusers import UNet2DConditionModel
@@ -96,6 +97,7 @@ def _components(model: Any, model_config: Any = None) -> dict[str, Any]:
     }
     if (folder / "text_encoder_2" / "config.json").is_file():
         out["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+        out["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
     return out
 
 
@@ -181,6 +183,10 @@ def distill(
         new = [t for t in tok_t.get_added_vocab() if t not in tok_b.get_vocab() and t not in tok_t.all_special_tokens]
         if new:
             lora.tokens = read_token_embeddings(tok_t, tuned_c["text_encoder"], new)
+            if (
+                tuned_c.get("tokenizer_2") is not None and tuned_c.get("text_encoder_2") is not None
+            ):  # SDXL: the same tokens' rows in the second encoder
+                lora.tokens_2 = read_token_embeddings(tuned_c["tokenizer_2"], tuned_c["text_encoder_2"], new)
     lora.metadata = {
         "distill": {
             "rank": config.rank,

@@ -50,7 +50,7 @@ class EvaluateConfig:
     """What `evaluate_loras` does.
 
     Args:
-        model: base model (hub id or diffusers folder).
+        model: base model (hub id, diffusers folder, or one-file `.safetensors`/`.ckpt` checkpoint).
         loras: one or more LoRA files (native safetensors) to compare on the same prompts and seeds.
         output_dir: where metrics, grids and GIFs go (must not exist or be empty unless `overwrite`).
         prompts: templates; "{token}" is replaced as the module docstring says.
@@ -71,6 +71,8 @@ class EvaluateConfig:
         tolerance: a candidate's CLIP-T may be at most this far below the best candidate's CLIP-T.
         overwrite: replace a non-empty `output_dir`.
         device / dtype: where generation and scoring run.
+        model_config: for a one-file checkpoint `model`: a diffusers folder or hub id of the same architecture
+            (its configs and tokenizer), as `load_pipeline`'s `config`.
     """
 
     model: str | Path
@@ -98,6 +100,7 @@ class EvaluateConfig:
     overwrite: bool = False
     device: str = "cpu"
     dtype: str = "fp32"
+    model_config: str | Path | None = None
 
     def __post_init__(self):
         if isinstance(self.loras, (str, Path)):
@@ -285,7 +288,7 @@ def evaluate_loras(config: EvaluateConfig) -> EvaluationResult:
         classifier_target=cfg.classifier_target,
         instance_dir=cfg.instance_dir,
     )
-    pipe = load_pipeline(cfg.model, "text2img", cfg.device, dtype)
+    pipe = load_pipeline(cfg.model, "text2img", cfg.device, dtype, config=cfg.model_config)
     staging = prepare_output(cfg.output_dir, cfg.overwrite, "metrics.json", inputs)
 
     def generate(prompt: str, seed: int):

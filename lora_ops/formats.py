@@ -31,7 +31,10 @@ from .convert import (
     convert_kohya_to_native,
     convert_native_to_kohya,
     convert_peft_to_native,
+    convert_sdxl_embedding_to_tokens,
     convert_tokens_to_a1111_embedding,
+    convert_tokens_to_sdxl_embedding,
+    is_sdxl_embedding,
     is_sdxl_kohya,
     peft_component,
 )
@@ -79,6 +82,8 @@ def detect_format(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None
         "sd_checkpoint",
         "sd_checkpoint_name",
     } and ("emb_params" in keys or "string_to_param" in keys):
+        return "a1111_embedding"
+    if set(keys) == {"clip_l", "clip_g"}:  # an SDXL embedding (A1111, ComfyUI, diffusers' advanced SDXL script)
         return "a1111_embedding"
     if len(keys) == 1 and getattr(tensors[keys[0]], "ndim", 0) in (1, 2) and keys[0].startswith("<"):
         # diffusers' save_textual_inversion: {"<token>": (n, dim)}
@@ -194,6 +199,16 @@ def _peft_configs(metadata: Mapping[str, str]) -> dict[str, Any]:
     return {"*": {}}  # no config: alpha = r, scale 1
 
 
+def _add_embedding(lora: LoraFile, tensors: Mapping[str, Any], token: str) -> None:
+    """Add an embedding's tokens to `lora` (an SDXL embedding's rows to both encoders' tables)."""
+    if is_sdxl_embedding(tensors):
+        first, second = convert_sdxl_embedding_to_tokens(tensors, token)
+        lora.tokens.update(first)
+        lora.tokens_2.update(second)
+    else:
+        lora.tokens.update(convert_a1111_embedding_to_tokens(tensors, token))
+
+
 def _folder_tokens(path: Path, lora: LoraFile) -> None:
     """Add the token embeddings a diffusers LoRA folder holds beside its weights (`<token>.safetensors`)."""
     for emb in sorted(path.glob("*.safetensors")):
@@ -203,7 +218,7 @@ def _folder_tokens(path: Path, lora: LoraFile) -> None:
         if fmt == "a1111_embedding":
             only = next(iter(tensors)) if len(tensors) == 1 else ""
             token = metadata.get("token") or (only if only.startswith("<") else f"<{emb.stem}>")
-            lora.tokens.update(convert_a1111_embedding_to_tokens(tensors, token))
+            _add_embedding(lora, tensors, token)
 
 
 def model_skeletons(base: Any) -> dict[str, nn.Module]:
@@ -269,9 +284,8 @@ def _fit_sdxl_1_0(convert: Any) -> Any:
 
 
 def _read_kohya(tensors: Mapping[str, Any], models: Mapping[str, nn.Module] | None) -> LoraFile:
+    # an SDXL file against a non-SDXL base is refused by convert_kohya_to_native (names given, no SDXL config)
     names, sdxl_unet = _kohya_layout(models, is_sdxl_kohya(tensors))
-    if names is not None and sdxl_unet is None and is_sdxl_kohya(tensors):
-        raise ValueError("this kohya file is for SDXL (lora_te1_/lora_te2_ or input_blocks keys); the base is not")
     read = lambda: lora_from_state_dict(convert_kohya_to_native(tensors, names, sdxl_unet))  # noqa: E731
     return _fit_sdxl_1_0(read) if models is None and sdxl_unet is not None else read()
 
@@ -321,7 +335,8 @@ def lora_from_raw(
             )
         lora = read_legacy(tensors, metadata, models)
     elif fmt == "a1111_embedding":
-        lora = LoraFile(tokens=convert_a1111_embedding_to_tokens(tensors, token))
+        lora = LoraFile()
+        _add_embedding(lora, tensors, token)
     else:
         raise ValueError(f"format={fmt!r} is not one of {FORMATS}")
     if fmt != "native":
@@ -371,9 +386,14 @@ def provenance_metadata(lora: LoraFile) -> dict[str, str]:
     return meta
 
 
-def save_a1111_embedding(path: str | Path, tokens: Mapping[str, torch.Tensor]) -> Path:
-    """Write tokens as one A1111 embedding `{"emb_params": (n, dim)}` (type its file stem in A1111)."""
-    tensors = convert_tokens_to_a1111_embedding(tokens)
+def save_a1111_embedding(
+    path: str | Path, tokens: Mapping[str, torch.Tensor], tokens_2: Mapping[str, torch.Tensor] | None = None
+) -> Path:
+    """Write tokens as one A1111 embedding `{"emb_params": (n, dim)}` (type its file stem in A1111); with
+    `tokens_2` (SDXL: the rows of the second text encoder) `{"clip_l": (n, d1), "clip_g": (n, d2)}`."""
+    tensors = (
+        convert_tokens_to_sdxl_embedding(tokens, tokens_2) if tokens_2 else convert_tokens_to_a1111_embedding(tokens)
+    )
     meta = {"tokens": json.dumps(list(tokens))}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -411,7 +431,8 @@ def write_any(path: str | Path, lora: LoraFile, fmt: str, base: Any = None, toke
             from .diffusers_export import token_file_name
 
             for token, vector in lora.tokens.items():
-                save_a1111_embedding(path.parent / f"{path.stem}.{token_file_name(token)}", {token: vector})
+                second = {token: lora.tokens_2[token]} if lora.tokens_2 else None
+                save_a1111_embedding(path.parent / f"{path.stem}.{token_file_name(token)}", {token: vector}, second)
         meta = {**provenance_metadata(lora), "ss_network_module": "networks.lora"}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     if fmt == "lora_diffusion":
@@ -421,7 +442,7 @@ def write_any(path: str | Path, lora: LoraFile, fmt: str, base: Any = None, toke
     if fmt == "a1111_embedding":
         if path.suffix != ".safetensors":
             raise ValueError(f"path={str(path)!r}: embeddings are written as .safetensors only")
-        return save_a1111_embedding(path, lora.tokens)
+        return save_a1111_embedding(path, lora.tokens, lora.tokens_2)
     raise ValueError(f"fmt={fmt!r} is not one of {FORMATS}")
 
 
@@ -438,7 +459,7 @@ def lora_family(lora: LoraFile) -> str:
     """ "sdxl" (a second text encoder, or 2048-wide cross-attention), "sd1" (768-wide text), "sd2" (1024) or
     "unknown"."""
     dims = lora_dims(lora)
-    if lora.text_encoder_2 or dims["cross_attention_dim"] == 2048:
+    if lora.text_encoder_2 or lora.tokens_2 or dims["cross_attention_dim"] == 2048:
         return "sdxl"
     width = dims["cross_attention_dim"] or dims["text_dim"]
     return {768: "sd1", 1024: "sd2"}.get(width, "unknown")

@@ -9,6 +9,7 @@ Layout (format version 1):
     text_encoder_2.<module>.lora_A.weight   SDXL's second text encoder, named the same way
     text_encoder_2.<module>.lora_B.weight
     token_embeddings.<token>                (dim,) one row per learned token
+    token_embeddings_2.<token>              (dim_2,) its row in SDXL's second text encoder (SDXL only)
 
 The scale is folded into lora_B: ΔW = lora_B @ lora_A exactly (alpha = r). That is the diffusers/PEFT
 layout, so `pipe.load_lora_weights` reads the LoRA part of the same file. Metadata (all strings): format,
@@ -39,6 +40,7 @@ FORMAT = "lora_ops"
 FORMAT_VERSION = 1
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TOKEN_PREFIX = "token_embeddings."
+TOKEN_PREFIX_2 = "token_embeddings_2."
 
 
 @dataclass
@@ -92,6 +94,23 @@ class LoraFile:
     metadata: dict[str, Any] = field(default_factory=dict)
     # SDXL's second text encoder (OpenCLIP bigG); last so positional construction keeps its meaning
     text_encoder_2: dict[str, LoraModule] = field(default_factory=dict)
+    # the learned tokens' rows in SDXL's second text encoder (same tokens as `tokens`; empty for SD 1.x/2.x)
+    tokens_2: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def token_tables(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{text encoder component: {token: row}} of the learned tokens (text_encoder_2 only for SDXL files)."""
+        tables = {"text_encoder": self.tokens}
+        if self.tokens_2:
+            tables["text_encoder_2"] = self.tokens_2
+        return tables
+
+    def check_tokens(self) -> None:
+        """An SDXL file's tokens have a row in each text encoder: the same tokens in both tables."""
+        if self.tokens_2 and list(self.tokens_2) != list(self.tokens):
+            raise ValueError(
+                f"the learned tokens differ between the text encoders: {list(self.tokens)} in text_encoder, "
+                f"{list(self.tokens_2)} in text_encoder_2 (an SDXL token needs a row in each, in the same order)"
+            )
 
     def component(self, name: str) -> dict[str, LoraModule]:
         if name not in COMPONENTS:
@@ -110,6 +129,8 @@ class LoraFile:
                 out[f"{comp}.{name}.lora_B.weight"] = mod.lora_B
         for token, vector in self.tokens.items():
             out[TOKEN_PREFIX + token] = vector
+        for token, vector in self.tokens_2.items():
+            out[TOKEN_PREFIX_2 + token] = vector
         return out
 
 
@@ -153,6 +174,7 @@ def save_lora(path: str | Path, lora: LoraFile, dtype: Literal["fp32", "fp16", "
         dtype: storage precision of the LoRA factors and tokens.
     """
     cast = torch_dtype(dtype)
+    lora.check_tokens()
     tensors = {k: v.detach().to("cpu", cast).contiguous() for k, v in lora.state_dict().items()}
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
@@ -276,6 +298,9 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
         if key.startswith(TOKEN_PREFIX):
             lora.tokens[key[len(TOKEN_PREFIX) :]] = tensor
             continue
+        if key.startswith(TOKEN_PREFIX_2):
+            lora.tokens_2[key[len(TOKEN_PREFIX_2) :]] = tensor
+            continue
         comp, _, rest = key.partition(".")
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
@@ -293,6 +318,9 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
     if "tokens" in metadata:  # keep the token order the file recorded
         order = [t for t in _parse_json(metadata, "tokens", []) if t in lora.tokens]
         lora.tokens = {t: lora.tokens[t] for t in order + [t for t in lora.tokens if t not in order]}
+    if lora.tokens_2 and set(lora.tokens_2) == set(lora.tokens):
+        lora.tokens_2 = {t: lora.tokens_2[t] for t in lora.tokens}
+    lora.check_tokens()
     lora.metadata = {k: _parse_json(metadata, k, None) for k in metadata}
     for key in ("ranks", "tokens", "dtype", "format", "format_version", "config_hash", "lora_ops_version"):
         lora.metadata.pop(key, None)
@@ -333,10 +361,10 @@ def check_shapes(lora: LoraFile, models: Mapping[str, nn.Module]) -> None:
                     f"{comp}.{name}: ΔW shape {got} (lora_A {tuple(mod.lora_A.shape)}, lora_B "
                     f"{tuple(mod.lora_B.shape)}) does not fit the layer's weight {want}"
                 )
-    tokens = lora.tokens
-    te = models.get("text_encoder")
-    if tokens and te is not None:
-        dim = te.get_input_embeddings().weight.shape[1]
-        for token, vector in tokens.items():
-            if tuple(vector.shape) != (dim,):
-                raise ValueError(f"token {token!r} has shape {tuple(vector.shape)}; the text encoder needs ({dim},)")
+    for comp, tokens in lora.token_tables().items():
+        te = models.get(comp)
+        if tokens and te is not None:
+            dim = te.get_input_embeddings().weight.shape[1]
+            for token, vector in tokens.items():
+                if tuple(vector.shape) != (dim,):
+                    raise ValueError(f"token {token!r} has shape {tuple(vector.shape)}; {comp} needs ({dim},)")

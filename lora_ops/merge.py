@@ -24,7 +24,7 @@ from .models import components
 from .resize import ResizeConfig, ResizeReport, resize_module
 from .runtime import patch_pipeline
 from .targets import get_module
-from .tokens import apply_token_embeddings
+from .tokens import apply_lora_tokens
 
 MergeMode = Literal["concat", "svd", "legacy-sum-factors"]
 
@@ -58,17 +58,20 @@ def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return weights
 
 
-def _union_tokens(loras: Sequence[LoraFile]) -> dict[str, torch.Tensor]:
-    tokens: dict[str, torch.Tensor] = {}
+def _union_tokens(loras: Sequence[LoraFile]) -> dict[str, dict[str, torch.Tensor]]:
+    """{"tokens": ..., "tokens_2": ...}: every input's learned tokens (SDXL: the rows of both encoders)."""
+    out: dict[str, dict[str, torch.Tensor]] = {"tokens": {}, "tokens_2": {}}
     for i, lora in enumerate(loras):
-        for token, vector in lora.tokens.items():
-            if token in tokens and not torch.equal(tokens[token].float(), vector.float()):
-                raise ValueError(
-                    f"token {token!r} is in several inputs with different embeddings (input {i}); "
-                    "rename it in one of them before combining"
-                )
-            tokens[token] = vector
-    return tokens
+        for field_name in out:
+            tokens = out[field_name]
+            for token, vector in getattr(lora, field_name).items():
+                if token in tokens and not torch.equal(tokens[token].float(), vector.float()):
+                    raise ValueError(
+                        f"token {token!r} is in several inputs with different embeddings (input {i}); "
+                        "rename it in one of them before combining"
+                    )
+                tokens[token] = vector
+    return out
 
 
 def _concat(mods: Sequence[LoraModule], weights: Sequence[float], where: str) -> LoraModule:
@@ -106,7 +109,7 @@ def merge_loras(
         raise ValueError("mode='svd' needs rank=")
     weights = _check_weights(weights, len(loras))
     check_compatible(loras, allow_mixed_bases)
-    out = LoraFile(tokens=_union_tokens(loras))
+    out = LoraFile(**_union_tokens(loras))
     report = ResizeReport() if mode == "svd" else None
     for comp in COMPONENTS:
         names = list(dict.fromkeys(n for lora in loras for n in lora.component(comp)))
@@ -151,7 +154,7 @@ def join_loras(
     if len(names) != len(loras) or len(set(names)) != len(names):
         raise ValueError(f"names={names}: need one distinct name per input ({len(loras)})")
     check_compatible(loras, allow_mixed_bases)
-    out = LoraFile(tokens=_union_tokens(loras))
+    out = LoraFile(**_union_tokens(loras))
     parts = [
         {"name": n, "slices": {c: {} for c in COMPONENTS}, "tokens": list(lora.tokens)}
         for n, lora in zip(names, loras, strict=True)
@@ -181,6 +184,7 @@ def split_parts(lora: LoraFile) -> dict[str, LoraFile]:
     for part in parts:
         one = LoraFile(
             tokens={t: lora.tokens[t] for t in part["tokens"]},
+            tokens_2={t: lora.tokens_2[t] for t in part["tokens"] if t in lora.tokens_2},
             metadata={"base_model": lora.metadata.get("base_model", "")},
         )
         for comp in COMPONENTS:
@@ -240,7 +244,7 @@ def add_to_pipeline(
             require_finite(new, f"add_to_pipeline: {comp}.{name} after merging at scale {scale}")
             merged.append((weight, new))
     if lora.tokens and load_tokens:
-        apply_token_embeddings(pipe.tokenizer, pipe.text_encoder, lora.tokens)
+        apply_lora_tokens(pipe, lora)
     for weight, new in merged:
         weight.copy_(new)
     return len(merged)

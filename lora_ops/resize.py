@@ -167,7 +167,7 @@ def resize_lora(lora: LoraFile, config: ResizeConfig, progress: bool = True) -> 
 
     A fixed rank above a module's current rank keeps that module's rank (padding adds nothing).
     """
-    out = LoraFile(tokens=dict(lora.tokens), metadata=dict(lora.metadata))
+    out = LoraFile(tokens=dict(lora.tokens), tokens_2=dict(lora.tokens_2), metadata=dict(lora.metadata))
     report = ResizeReport()
     items = [(c, n, m) for c in COMPONENTS for n, m in lora.component(c).items()]
     for comp, name, mod in tqdm(items, desc="resize", disable=not progress):

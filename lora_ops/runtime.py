@@ -15,7 +15,7 @@ import torch
 from .inject import check_adapter, load_adapter, lora_layers
 from .lora_file import LoraFile, load_lora
 from .models import components
-from .tokens import apply_token_embeddings
+from .tokens import apply_lora_tokens
 
 
 def _check_scale(name: str, value: float) -> float:
@@ -61,7 +61,7 @@ def patch_pipeline(
     for component, model in _models(pipe).items():
         check_adapter(model, lora.component(component), adapter_name, component)
     if load_tokens and lora.tokens:
-        apply_token_embeddings(pipe.tokenizer, pipe.text_encoder, lora.tokens)
+        apply_lora_tokens(pipe, lora)
     for component, model in _models(pipe).items():
         modules = lora.component(component)
         load_adapter(model, modules, adapter_name, component)

@@ -161,5 +161,6 @@ def save_merged_single_file(
     add_to_pipeline(pipe, lora, unet_scale, text_encoder_scale, load_tokens=False)
     out = {"checkpoint": save_single_file(pipe, path, half=half)}
     if lora.tokens:
-        out["embedding"] = save_a1111_embedding(path.parent / f"{embedding_name(lora.tokens)}.safetensors", lora.tokens)
+        name = path.parent / f"{embedding_name(lora.tokens)}.safetensors"
+        out["embedding"] = save_a1111_embedding(name, lora.tokens, lora.tokens_2)
     return out

@@ -119,3 +119,44 @@ def read_token_embeddings(tokenizer, text_encoder, tokens: Sequence[str]) -> dic
             raise ValueError(f"token {token!r} is not an added token of this tokenizer")
         out[token] = weight[token_id].detach().float().cpu().clone()
     return out
+
+
+def text_pairs(model) -> dict[str, tuple]:
+    """{component: (tokenizer, text encoder)} of a pipeline (or anything with the same attributes):
+    text_encoder, and SDXL's text_encoder_2 with its tokenizer_2."""
+    pairs = {"text_encoder": (model.tokenizer, model.text_encoder)}
+    if getattr(model, "text_encoder_2", None) is not None:
+        pairs["text_encoder_2"] = (model.tokenizer_2, model.text_encoder_2)
+    return pairs
+
+
+def apply_lora_tokens(model, lora) -> dict[str, list[int]]:
+    """Add a LoraFile's learned tokens to every text encoder of `model`; returns their ids per encoder.
+
+    An SDXL model needs each token's row in both encoders (`lora.tokens` and `lora.tokens_2`); a file with
+    rows for one encoder only, or SDXL rows for a one-encoder model, is refused before anything changes.
+    """
+    if not lora.tokens:
+        return {}
+    lora.check_tokens()
+    pairs = text_pairs(model)
+    tables = lora.token_tables()
+    if set(tables) != set(pairs):
+        have = "both SDXL text encoders" if "text_encoder_2" in tables else "one text encoder"
+        need = "SDXL model needs rows for both (clip_l and clip_g)" if "text_encoder_2" in pairs else (
+            "model has one text encoder (not SDXL)")  # fmt: skip
+        raise ValueError(f"the learned tokens {list(lora.tokens)} have rows for {have}; this {need}")
+    for name, table in tables.items():  # shapes first, so that a misfit changes nothing
+        weight = pairs[name][1].get_input_embeddings().weight
+        for token, vector in table.items():
+            if vector.ndim != 1 or vector.shape[0] != weight.shape[1]:
+                raise ValueError(
+                    f"token {token!r} has an embedding of shape {tuple(vector.shape)}; "
+                    f"{name} needs ({weight.shape[1]},)"
+                )
+    return {name: apply_token_embeddings(*pairs[name], table) for name, table in tables.items()}
+
+
+def read_lora_tokens(model, tokens: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {token: row}} of `tokens` in every text encoder of `model` (see `read_token_embeddings`)."""
+    return {name: read_token_embeddings(tok, te, tokens) for name, (tok, te) in text_pairs(model).items()}

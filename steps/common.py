@@ -39,6 +39,21 @@ def parser(step: str, description: str, compute: bool = True, out_required: bool
     return p
 
 
+def add_bucket_args(p: argparse.ArgumentParser) -> None:
+    """Aspect-ratio bucketing flags of the training steps (the trainers' `enable_bucket`, `bucket_reso_steps`)."""
+    p.add_argument("--enable-bucket", default="auto", choices=["auto", "true", "false"],
+                   help="aspect-ratio bucketing: auto = on for SDXL bases, off (square crops) for SD 1.x/2.x")  # fmt: skip
+    p.add_argument("--bucket-reso-steps", type=int, default=64, help="bucket sides step by N pixels (default 64)")
+
+
+def bucket_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer options of `add_bucket_args`' flags (also the step's recorded parameters)."""
+    return {
+        "enable_bucket": {"auto": None, "true": True, "false": False}[args.enable_bucket],
+        "bucket_reso_steps": args.bucket_reso_steps,
+    }
+
+
 def parse(p: argparse.ArgumentParser, argv: list[str] | None, inputs: tuple[str, ...] = ()) -> argparse.Namespace:
     """Parse the flags; `inputs` names the flags holding input URIs, which `--out` must not overlap."""
     args = p.parse_args(argv)

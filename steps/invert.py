@@ -3,6 +3,7 @@
     python -m lora_pipeline.steps.invert --run-id RUN_ID --dataset URI --base-model REF --out URI
         --placeholder-tokens "<s1>|<s2>" [--initializer-tokens WORDS] [--template object|style|none]
         [--steps N] [--lr F] [--resolution N] [--seed N] [--use-masks] [--save-steps N]
+        [--enable-bucket auto|true|false] [--bucket-reso-steps N]
 
 Writes `tokens.safetensors` (a native LoRA file with tokens only).
 """
@@ -38,6 +39,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--use-masks", action="store_true", help="weight the loss by the dataset's masks")
     p.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (local)")
+    common.add_bucket_args(p)
     return p
 
 
@@ -56,6 +58,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "use_masks": args.use_masks,
+        **common.bucket_options(args),
     }
     with tempfile.TemporaryDirectory(prefix="lora-invert-") as tmp:
         tmp = Path(tmp)
@@ -79,6 +82,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             train_batch_size=args.batch_size,
             seed=args.seed,
             use_masks=args.use_masks,
+            **common.bucket_options(args),
             save_steps=args.save_steps,
             device=args.device,
             resume="auto",

@@ -3,6 +3,7 @@
     python -m lora_pipeline.steps.tune --run-id RUN_ID --dataset URI --tokens URI --base-model REF --out URI
         [--rank N] [--steps N] [--lr-unet F] [--lr-text F] [--train-text-encoder]
         [--resolution N] [--seed N] [--save-steps N] [--use-masks]
+        [--enable-bucket auto|true|false] [--bucket-reso-steps N]
 
 Writes `lora.safetensors`. Every `--save-steps` a checkpoint is uploaded to
 `<out>/checkpoints/<phase>-<step>/` (with its own manifest); a retried step downloads the newest
@@ -42,6 +43,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--save-steps", type=int, default=100, help="upload a checkpoint every N steps (default 100)")
     p.add_argument("--use-masks", action="store_true", help="weight the loss by the dataset's masks")
+    common.add_bucket_args(p)
     return p
 
 
@@ -99,6 +101,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "use_masks": args.use_masks,
+        **common.bucket_options(args),
     }
     store = Store.for_uri(args.out)
     with tempfile.TemporaryDirectory(prefix="lora-tune-") as tmp:
@@ -144,6 +147,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             train_batch_size=args.batch_size,
             seed=args.seed,
             use_masks=args.use_masks,
+            **common.bucket_options(args),
             save_steps=args.save_steps,
             device=args.device,
             resume="auto",

@@ -47,6 +47,9 @@ def random_lora(
         model = pipe.text_encoder if not isinstance(pipe, dict) else pipe["text_encoder"]
         dim = model.get_input_embeddings().weight.shape[1]
         lora.tokens = {t: torch.randn(dim, generator=gen) for t in ("<s1>", "<s2>")}
+        if second is not None:  # SDXL: each token's row in the second text encoder too
+            dim_2 = second.get_input_embeddings().weight.shape[1]
+            lora.tokens_2 = {t: torch.randn(dim_2, generator=gen) for t in lora.tokens}
     return lora
 
 

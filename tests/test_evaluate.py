@@ -222,3 +222,14 @@ def test_classifier_options_are_checked(tmp_path):
         EvaluateConfig(**base, select_metric="classifier")
     with pytest.raises(FileNotFoundError, match="classifier_model="):
         EvaluateConfig(**base, classifier_model=tmp_path / "missing")
+
+
+def test_a_one_file_base_evaluates_as_its_folder_does(result, setup, tmp_path):
+    """A community checkpoint (one .safetensors file) as the base, with its architecture's configs."""
+    from lora_ops.single_file import save_single_file
+
+    checkpoint = save_single_file(load_pipeline(setup["model"]), tmp_path / "base.safetensors")
+    one_file = evaluate_loras(_config(setup, tmp_path / "one", model=checkpoint, model_config=setup["model"]))
+    pictures = {k: v for k, v in _digests(result.output_dir).items() if k.endswith((".png", ".gif"))}
+    assert pictures and {k: v for k, v in _digests(one_file.output_dir).items() if k in pictures} == pictures
+    assert one_file.best == result.best

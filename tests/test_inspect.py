@@ -54,7 +54,9 @@ def test_inspect_native_and_kohya(lora, tmp_path, capsys):
         assert info["per_module"][name]["norm"] == pytest.approx(mod.delta().norm().item(), rel=1e-4)
     kohya = _inspect(write_any(tmp_path / "k.safetensors", lora, "kohya"), capsys)
     assert kohya["format"] == "kohya" and kohya["base_model"] == "tiny/base"
-    assert len(kohya["alphas"]) == 3 and kohya["per_module"] == info["per_module"]
+    assert len(kohya["alphas"]) == 3 and kohya["per_module"].keys() == info["per_module"].keys()
+    for name, row in info["per_module"].items():  # the same ΔW; its norm to float32 rounding (summation order)
+        assert {**kohya["per_module"][name], "norm": pytest.approx(row["norm"], rel=1e-5)} == row, name
 
 
 def test_inspect_legacy_and_embedding(lora, tmp_path, capsys):

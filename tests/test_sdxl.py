@@ -15,9 +15,7 @@ from lora_ops.formats import lora_family, write_any
 from lora_ops.lora_file import read_safetensors
 from lora_ops.models import as_task, describe
 from lora_ops.tiny import build_models
-from lora_ops.training.config import PTIConfig
 from lora_ops.training.dreambooth import train_dreambooth
-from lora_ops.training.pti import train_pti
 from lora_ops.training.trainee import encode_prompts, sdxl_time_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -168,21 +166,11 @@ def test_resume_is_bit_identical_on_sdxl(tiny_sdxl_model, tmp_path):
     assert any(k.startswith("text_encoder_2.") for k in tensors)
 
 
-def test_what_sdxl_does_not_support_yet_is_refused_clearly(trained, tiny_sdxl_model, tiny_model, tmp_path):
+def test_what_does_not_fit_sdxl_is_refused_clearly(trained, tiny_sdxl_model, tiny_model, tmp_path):
     lora = load_lora(trained.path)
     with pytest.raises(ValueError, match="lora_diffusion format has no SDXL layout"):
         write_any(tmp_path / "x-legacy.safetensors", lora, "lora_diffusion", base=tiny_sdxl_model)
     assert not list(tmp_path.glob("x-*"))
-    with pytest.raises(ValueError, match="pivotal tuning .* not supported on SDXL"):
-        train_pti(
-            PTIConfig(
-                pretrained_model_name_or_path=str(tiny_sdxl_model),
-                instance_data_dir=str(make_images(tmp_path / "data")),
-                output_dir=str(tmp_path / "pti"),
-                resolution=32,
-                progress=False,
-            )
-        )
     sd1 = load_pipeline(tiny_model)
     with pytest.raises(ValueError, match="made for another architecture|does not fit"):
         patch_pipeline(sd1, trained.path)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from lora_ops import load_pipeline, patch_pipeline, save_lora
+from lora_ops import LoraFile, load_pipeline, patch_pipeline, save_lora
 from lora_ops.cli import main as cli
 from lora_ops.lora_file import read_safetensors
 from lora_ops.models import source_is_sdxl
@@ -125,17 +125,25 @@ def test_sdxl_one_file_checkpoints_round_trip_and_merge(tiny_sdxl_model, tmp_pat
         for key in ours:
             assert torch.equal(ours[key], theirs[key]), f"{name}.{key}"
 
-    lora = random_lora(pipe, seed=3, r=2, tokens=False)  # no learned tokens: pivotal tuning is not on SDXL yet
-    assert lora.text_encoder_2
+    lora = random_lora(pipe, seed=3, r=2)  # with learned tokens: rows in both text encoders
+    assert lora.text_encoder_2 and lora.tokens_2
     lora_path = save_lora(tmp_path / "l.safetensors", lora)
     ckpt = tmp_path / "merged.safetensors"
     args = ["add", "upl-ckpt", str(lora_path), "--base", str(tiny_sdxl_model), "--out", str(ckpt)]
     assert cli(args) == 0
     merged = load_pipeline(tiny_sdxl_model)
     add_to_pipeline(merged, lora)
-    expected = _run(merged)
+    prompt = "a photo of <s1><s2> dog"
+    expected = _run(merged, prompt)
     assert np.abs(expected - _run(pipe)).max() > 1e-4
-    np.testing.assert_allclose(_run(load_pipeline(ckpt, config=tiny_sdxl_model)), expected, atol=1e-5)
+    # the checkpoint plus its SDXL embedding (clip_l / clip_g), loaded the way diffusers documents it
+    one_file = load_pipeline(ckpt, config=tiny_sdxl_model)
+    embedding = load_file(tmp_path / "s1s2.safetensors")
+    assert set(embedding) == {"clip_l", "clip_g"}
+    for key, tok, te in (("clip_l", one_file.tokenizer, one_file.text_encoder),
+                         ("clip_g", one_file.tokenizer_2, one_file.text_encoder_2)):  # fmt: skip
+        one_file.load_textual_inversion(embedding[key], token=["<s1>", "<s2>"], text_encoder=te, tokenizer=tok)
+    np.testing.assert_allclose(_run(one_file, prompt), expected, atol=1e-5)
 
 
 def test_a_one_file_fine_tune_is_distilled_against_a_one_file_base(tiny_model, tmp_path):
@@ -159,3 +167,39 @@ def test_a_one_file_fine_tune_is_distilled_against_a_one_file_base(tiny_model, t
         assert sorted(got.component(comp)) == sorted(lora.component(comp)), comp
         for name, mod in lora.component(comp).items():
             torch.testing.assert_close(got.component(comp)[name].delta(), mod.delta(), atol=1e-5, rtol=1e-4)
+
+
+def test_commands_that_take_a_base_take_a_one_file_checkpoint(checkpoint, tiny_model, tmp_path, capsys):
+    """`add upl-ckpt` (a LoRA into a community checkpoint), `add upl` and `convert --base` with --model-config."""
+    from surgery_utils import random_lora
+
+    from lora_ops.merge import add_to_pipeline
+
+    lora = random_lora(load_pipeline(tiny_model), seed=6, r=2)
+    lora_path = save_lora(tmp_path / "l.safetensors", lora)
+    base = ["--base", str(checkpoint), "--model-config", str(tiny_model)]
+    merged = load_pipeline(tiny_model)
+    add_to_pipeline(merged, lora)
+    expected = _run(merged, "a photo of <s1><s2> dog")
+    out = tmp_path / "merged.safetensors"
+    assert cli(["add", "upl-ckpt", str(lora_path), *base, "--out", str(out)]) == 0
+    again = load_pipeline(out, config=tiny_model)
+    patch_pipeline(again, LoraFile(tokens=dict(lora.tokens)))  # the tokens travel as the embedding beside it
+    np.testing.assert_allclose(_run(again, "a photo of <s1><s2> dog"), expected, atol=1e-5)
+    assert cli(["add", "upl", str(lora_path), *base, "--out", str(tmp_path / "folder")]) == 0
+    np.testing.assert_allclose(_run(load_pipeline(tmp_path / "folder"), "a photo of <s1><s2> dog"), expected, atol=1e-5)
+    # the original project's format numbers modules in the base's order: the checkpoint's order is the folder's
+    legacy = tmp_path / "legacy.safetensors"
+    assert cli(["convert", str(lora_path), str(legacy), "--to", "lora_diffusion", *base]) == 0
+    capsys.readouterr()
+    back = tmp_path / "back.safetensors"
+    assert cli(["convert", str(legacy), str(back), "--to", "native", "--base", str(tiny_model)]) == 0
+    from lora_ops.lora_file import load_lora
+
+    got = load_lora(back)
+    assert sorted(got.unet) == sorted(lora.unet)
+    capsys.readouterr()
+    bad = ["convert", str(lora_path), str(tmp_path / "k.safetensors"), "--to", "kohya", "--base", str(tiny_model)]
+    assert cli([*bad, "--model-config", "x"]) != 0
+    assert "--model-config is for one-file checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "k.safetensors").exists()

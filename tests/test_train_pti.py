@@ -148,16 +148,17 @@ def test_phase_one_moves_only_the_new_token_rows(tiny_model, tmp_path):
     config = pti_config(tiny_model, data, tmp_path / "out", max_train_steps_ti=3, learning_rate_ti=1e-2)
     trainee = load_trainee(config)
     ids = _init_tokens(trainee, ["<s1>", "<s2>"], None, 0)
+    assert list(ids) == ["text_encoder"]  # one text encoder (SDXL: both)
     table = trainee.text_encoder.get_input_embeddings().weight
     before = table.detach().clone()
     unet_before = {k: v.clone() for k, v in trainee.unet.state_dict().items()}
-    phase, wrapper = inversion_phase(trainee, ids)
+    phase, wrappers = inversion_phase(trainee, ids)
     dataset = ImageDataset(DatasetConfig(data, 32, ["<s1>", "<s2>"], template="object"))
-    run_phase(trainee, phase, [Source(dataset)], lambda: current_lora(trainee, ["<s1>", "<s2>"], wrapper, {}))
+    run_phase(trainee, phase, [Source(dataset)], lambda: current_lora(trainee, ["<s1>", "<s2>"], wrappers, {}))
     unwrap_token_embedding(trainee.text_encoder)
     after = trainee.text_encoder.get_input_embeddings().weight.detach()
     changed = (after != before).any(dim=1).nonzero().flatten().tolist()
-    assert changed == sorted(ids)  # the new rows moved; every other row is bit-identical
+    assert changed == sorted(ids["text_encoder"])  # the new rows moved; every other row is bit-identical
     assert all(torch.equal(v, trainee.unet.state_dict()[k]) for k, v in unet_before.items())
 
 
@@ -387,11 +388,12 @@ def test_token_norm_prior_targets_the_vocabulary_norm_by_default(tiny_model, tmp
     assert config.ti_target_norm is None and config.clip_ti_decay
     trainee = load_trainee(config)
     ids = _init_tokens(trainee, ["<s1>", "<s2>"], None, 0)
+    assert list(ids) == ["text_encoder"]  # one text encoder (SDXL: both)
     table = trainee.text_encoder.get_input_embeddings().weight
-    expected = vocabulary_norm(table, torch.tensor(ids))
-    phase, wrapper = inversion_phase(trainee, ids)
+    expected = vocabulary_norm(table, torch.tensor(ids["text_encoder"]))
+    phase, wrappers = inversion_phase(trainee, ids)
     dataset = ImageDataset(DatasetConfig(data, 32, ["<s1>", "<s2>"], template="object"))
-    run_phase(trainee, phase, [Source(dataset)], lambda: current_lora(trainee, ["<s1>", "<s2>"], wrapper, {}))
-    norms = wrapper.rows.detach().norm(dim=-1)
+    run_phase(trainee, phase, [Source(dataset)], lambda: current_lora(trainee, ["<s1>", "<s2>"], wrappers, {}))
+    norms = wrappers[0].rows.detach().norm(dim=-1)
     assert torch.allclose(norms, torch.full_like(norms, expected), rtol=1e-4)
     assert abs(expected - 0.4) > 0.05  # the tiny model's vocabulary is not SD's: a fixed 0.4 would be wrong here

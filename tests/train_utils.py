@@ -41,12 +41,14 @@ class Stop(Exception):
     """Raised from a training callback to stand for a crash."""
 
 
-def assert_resume_is_exact(make_config, tmp_path, stop_at: int = 3) -> dict:
+def assert_resume_is_exact(make_config, tmp_path, stop_at: int = 3, train=None) -> dict:
     """Train uninterrupted, then crash at step `stop_at`, resume from the checkpoints in a fresh folder, and
-    assert both LoRAs are bit-identical. `make_config(out, **kw)` builds the config; returns the tensors."""
+    assert both LoRAs are bit-identical. `make_config(out, **kw)` builds the config, `train(config, callback=)`
+    trains (default: DreamBooth); returns the tensors."""
     from lora_ops.lora_file import read_safetensors
     from lora_ops.training.dreambooth import train_dreambooth
 
+    train_dreambooth = train or train_dreambooth
     full = train_dreambooth(make_config(tmp_path / "full"))
 
     def crash(step, metrics):

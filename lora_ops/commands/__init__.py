@@ -27,5 +27,28 @@ def examples(*lines: str) -> dict:
     return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": HelpFormatter}
 
 
+MODEL_CONFIG_HELP = (
+    "for a one-file --base checkpoint: a diffusers folder or hub id of the same architecture (configs, tokenizer)"
+)
+
+
+def add_model_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-config", help=MODEL_CONFIG_HELP)
+
+
+def resolve_base(base, model_config=None):
+    """A `--base` as the library takes it: a folder or hub id as given, a one-file checkpoint (`.safetensors`,
+    `.ckpt`) loaded as a pipeline (with `--model-config`'s configs); None stays None."""
+    if base is None:
+        return None
+    from ..models import is_single_file, load_pipeline
+
+    if is_single_file(base):
+        return load_pipeline(base, config=model_config)
+    if model_config is not None:
+        raise ValueError(f"--model-config is for one-file checkpoints; --base {base} is not one")
+    return base
+
+
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)

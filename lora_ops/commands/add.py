@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import examples
+from . import add_model_config_flag, examples, resolve_base
 
 MODES = ("upl", "upl-ckpt", "lpl", "ljl")
 
@@ -16,14 +16,15 @@ def run(args) -> int:
     from ..formats import read_any
     from ..lora_file import save_lora
 
-    loras = [read_any(p, base=args.base) for p in args.loras]
+    if args.mode in ("upl", "upl-ckpt") and (args.base is None or len(args.loras) != 1):
+        raise ValueError(f"add {args.mode} needs --base MODEL_DIR and exactly one LoRA, got {len(args.loras)}")
+    base = resolve_base(args.base, args.model_config)
+    loras = [read_any(p, base=base) for p in args.loras]
     if args.mode in ("upl", "upl-ckpt"):
-        if args.base is None or len(loras) != 1:
-            raise ValueError(f"add {args.mode} needs --base MODEL_DIR and exactly one LoRA, got {len(loras)}")
         from ..merge import add_to_pipeline
         from ..models import load_pipeline
 
-        pipe = load_pipeline(args.base)
+        pipe = base if not isinstance(base, (str, Path)) else load_pipeline(base)
         te_scale = args.alpha if args.text_encoder_alpha is None else args.text_encoder_alpha
         if args.mode == "upl":
             out = Path(args.out)
@@ -88,6 +89,7 @@ def register(sub) -> None:
         "to --rank). ljl: one file whose parts load as separate adapters with their own scales.",
         **examples(
             "lora-ops add upl my_lora.safetensors --base ./sd15 --alpha 0.8 --out ./sd15-merged",
+            "lora-ops add upl-ckpt my_lora.safetensors --base model.safetensors --model-config ./sd15 --out merged.safetensors",
             "lora-ops add lpl a.safetensors b.safetensors --weights 0.7 0.3 --out ab.safetensors",
             "lora-ops add ljl style.safetensors subject.safetensors --names style subject --out joined.safetensors",
         ),
@@ -95,7 +97,12 @@ def register(sub) -> None:
     p.add_argument("mode", choices=MODES)
     p.add_argument("loras", nargs="+", help="LoRA files (any supported format)")
     p.add_argument("--out", required=True, help="output folder (upl), checkpoint (upl-ckpt) or LoRA file")
-    p.add_argument("--base", help="base model folder (upl/upl-ckpt; needed to read lora_diffusion files)")
+    p.add_argument(
+        "--base",
+        help="base model (upl/upl-ckpt; needed to read lora_diffusion files): diffusers folder, hub id, or one-file "
+        ".safetensors/.ckpt with --model-config",
+    )
+    add_model_config_flag(p)
     p.add_argument("--alpha", type=float, default=1.0, help="upl: scale of the LoRA (UNet, and text encoder)")
     p.add_argument("--text-encoder-alpha", type=float, help="upl: text-encoder scale (default: --alpha)")
     p.add_argument("--half", action="store_true", help="upl-ckpt: store fp16")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import examples
+from . import add_model_config_flag, examples, resolve_base
 
 FORMATS = ("native", "diffusers", "kohya", "lora_diffusion", "a1111_embedding")
 
@@ -10,19 +10,20 @@ FORMATS = ("native", "diffusers", "kohya", "lora_diffusion", "a1111_embedding")
 def run(args) -> int:
     from ..formats import read_any, write_any
 
-    lora = read_any(args.input, base=args.base, token=args.token)
     if args.tokens != "bundle" and args.to != "kohya":
         raise ValueError(f"--tokens {args.tokens}: only --to kohya has a choice (diffusers always writes them apart)")
-    path = write_any(args.output, lora, args.to, base=args.base, tokens=args.tokens)
+    base = resolve_base(args.base, args.model_config)
+    lora = read_any(args.input, base=base, token=args.token)
+    path = write_any(args.output, lora, args.to, base=base, tokens=args.tokens)
     print(f"{lora.metadata.get('source_format', 'native')} -> {args.to}: {path}")
     separate = args.to == "kohya" and args.tokens == "separate"
     if (separate or args.to == "diffusers" and str(args.output).endswith(".safetensors")) and lora.tokens:
         from ..diffusers_export import token_file_name
 
         stem = path.with_suffix("").name
+        how = "clip_l into text_encoder, clip_g into text_encoder_2" if lora.tokens_2 else "pipe.load_textual_inversion"
         for token in lora.tokens:
-            print(f"token {token}: {path.parent / (stem + '.' + token_file_name(token))} "
-                  f"(pipe.load_textual_inversion(file, token={token!r}))")  # fmt: skip
+            print(f"token {token}: {path.parent / (stem + '.' + token_file_name(token))} ({how}, token={token!r})")
     return 0
 
 
@@ -45,7 +46,12 @@ def register(sub) -> None:
         "with the tokens beside it as <stem>.<token>.safetensors",
     )
     p.add_argument("--to", choices=FORMATS, required=True, help="output format")
-    p.add_argument("--base", help="base model folder: needed for lora_diffusion in or out; checks shapes when given")
+    p.add_argument(
+        "--base",
+        help="base model (diffusers folder or one-file checkpoint with --model-config): needed for lora_diffusion "
+        "in or out and for kohya SDXL files of UNets other than SDXL 1.0's; checks shapes when given",
+    )
+    add_model_config_flag(p)
     p.add_argument("--token", help="token name for an A1111 embedding input (default: <file stem>)")
     p.add_argument(
         "--tokens",

@@ -49,6 +49,7 @@ def run(args) -> int:
         select_metric=args.select_metric,
         tolerance=args.tolerance,
         overwrite=args.overwrite,
+        model_config=args.model_config,
         device=resolve_device(args.device),
         dtype=args.dtype,
     )
@@ -78,7 +79,11 @@ def register(sub) -> None:
             "lora-ops evaluate ./sd15 a.safetensors b.safetensors --out cmp/ --scale 0.8 --scale 1.0:0.5 --seed 0",
         ),
     )
-    p.add_argument("model", help="base model: hub id or diffusers folder")
+    p.add_argument("model", help="base model: hub id, diffusers folder or one-file .safetensors/.ckpt")
+    p.add_argument(
+        "--model-config",
+        help="for a one-file checkpoint: a diffusers folder or hub id of the same architecture (configs, tokenizer)",
+    )
     p.add_argument("loras", nargs="+", help="LoRA files (several: comparison mode)")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
     p.add_argument("--prompt", action="append", help="prompt template, '{token}' marks the subject (repeatable)")

@@ -67,7 +67,14 @@ def summarize(path: str | Path, base=None) -> dict:
         "ranks": ranks,
         "alphas": alphas,
         "tokens": {
-            t: {"dim": int(v.shape[-1]), "norm": round(float(v.float().norm()), 6)} for t, v in lora.tokens.items()
+            t: {"dim": int(v.shape[-1]), "norm": round(float(v.float().norm()), 6)}
+            # SDXL: the row in the second text encoder too
+            | (
+                {"dim_2": int(lora.tokens_2[t].shape[-1]), "norm_2": round(float(lora.tokens_2[t].float().norm()), 6)}
+                if t in lora.tokens_2
+                else {}
+            )  # fmt: skip
+            for t, v in lora.tokens.items()
         },
         "legacy_order": lora.metadata.get("legacy_order"),
         "per_module": modules,

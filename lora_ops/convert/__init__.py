@@ -14,7 +14,8 @@ keeps information there); nothing here reads files or models. The scale rule of 
   (sgm) block layout and the text encoders `lora_te1_` / `lora_te2_`.
 - lora_diffusion (legacy): ΔW = up @ down (scale 1), modules numbered in the traversal order of the
   model (see `lora_ops.legacy`).
-- A1111 embeddings: rows of `string_to_param["*"]` (.pt) or `emb_params` (.safetensors), (n, dim).
+- A1111 embeddings: rows of `string_to_param["*"]` (.pt) or `emb_params` (.safetensors), (n, dim); SDXL
+  embeddings `clip_l` (n, 768) and `clip_g` (n, 1280), the rows of the two text encoders.
 """
 
 from .diffusers import (
@@ -25,8 +26,14 @@ from .diffusers import (
     convert_peft_to_native,
     peft_component,
 )
-from .embeddings import convert_a1111_embedding_to_tokens, convert_tokens_to_a1111_embedding
-from .keys import native_pairs, show_keys
+from .embeddings import (
+    convert_a1111_embedding_to_tokens,
+    convert_sdxl_embedding_to_tokens,
+    convert_tokens_to_a1111_embedding,
+    convert_tokens_to_sdxl_embedding,
+    is_sdxl_embedding,
+)
+from .keys import native_pairs, second_tokens, show_keys
 from .kohya import (
     BUNDLE_PREFIX,
     KOHYA_PREFIX,
@@ -52,10 +59,14 @@ __all__ = [
     "convert_native_to_kohya",
     "convert_native_to_legacy",
     "convert_peft_to_native",
+    "convert_sdxl_embedding_to_tokens",
     "convert_tokens_to_a1111_embedding",
+    "convert_tokens_to_sdxl_embedding",
+    "is_sdxl_embedding",
     "is_sdxl_kohya",
     "kohya_name",
     "native_pairs",
+    "second_tokens",
     "peft_component",
     "show_keys",
 ]

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..lora_file import COMPONENTS, TOKEN_PREFIX
+from ..lora_file import COMPONENTS, TOKEN_PREFIX, TOKEN_PREFIX_2
 
 
 def show_keys(keys: Iterable[str], n: int = 5) -> str:
@@ -17,13 +17,19 @@ def show_keys(keys: Iterable[str], n: int = 5) -> str:
 
 
 def native_pairs(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict, list[str]]:
-    """{(component, module): {"lora_A"/"lora_B": tensor}}, {token: (dim,)}, unknown keys."""
+    """{(component, module): {"lora_A"/"lora_B": tensor}}, {token: (dim,)}, unknown keys.
+
+    The token rows of SDXL's second text encoder (`token_embeddings_2.*`) are `second_tokens`'s to read;
+    here they count as known keys and are left out.
+    """
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     tokens: dict[str, torch.Tensor] = {}
     unknown = []
     for key, tensor in state_dict.items():
         if key.startswith(TOKEN_PREFIX):
             tokens[key[len(TOKEN_PREFIX) :]] = tensor
+            continue
+        if key.startswith(TOKEN_PREFIX_2):
             continue
         comp, _, rest = key.partition(".")
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", rest)
@@ -35,3 +41,8 @@ def native_pairs(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict, li
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"{comp}.{name}: has {sorted(pair)} but needs both lora_A and lora_B")
     return pairs, tokens, unknown
+
+
+def second_tokens(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{token: (dim_2,)}: the learned tokens' rows in SDXL's second text encoder (native keys)."""
+    return {k[len(TOKEN_PREFIX_2) :]: v for k, v in state_dict.items() if k.startswith(TOKEN_PREFIX_2)}

@@ -17,9 +17,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..lora_file import TOKEN_PREFIX
+from ..lora_file import TOKEN_PREFIX, TOKEN_PREFIX_2
 from ..original_layout import original_unet_name
-from .keys import native_pairs, show_keys
+from .keys import native_pairs, second_tokens, show_keys
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 SDXL_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -131,7 +131,8 @@ def convert_native_to_kohya(
     """Native -> kohya keys: lora_down = lora_A, lora_up = lora_B, alpha = r (scale 1, factors unchanged).
 
     Learned tokens become A1111 bundled embeddings `bundle_emb.<token>.string_to_param.*` of shape
-    (1, dim) (diffusers' kohya loader rejects these keys: pass include_tokens=False for it).
+    (1, dim), an SDXL token `bundle_emb.<token>.clip_l` and `.clip_g` (as A1111, ComfyUI and OneTrainer spell
+    the two encoders' rows) (diffusers' kohya loader rejects these keys: pass include_tokens=False for it).
 
     Args:
         sdxl_unet: the config of the SDXL UNet the LoRA belongs to: names in kohya's SDXL layout. None: the
@@ -147,8 +148,13 @@ def convert_native_to_kohya(
         out[f"{base}.lora_up.weight"] = pair["lora_B"]
         out[f"{base}.alpha"] = torch.tensor(float(pair["lora_A"].shape[0]))
     if include_tokens:
+        tokens_2 = second_tokens(state_dict)
         for token, vector in tokens.items():
-            out[f"{BUNDLE_PREFIX}{token}.string_to_param.*"] = vector.reshape(1, -1)
+            if tokens_2:
+                out[f"{BUNDLE_PREFIX}{token}.clip_l"] = vector.reshape(1, -1)
+                out[f"{BUNDLE_PREFIX}{token}.clip_g"] = tokens_2[token].reshape(1, -1)
+            else:
+                out[f"{BUNDLE_PREFIX}{token}.string_to_param.*"] = vector.reshape(1, -1)
     return out
 
 
@@ -173,17 +179,18 @@ def convert_kohya_to_native(
         raise ValueError("this kohya file is for SDXL (lora_te1_/lora_te2_ or input_blocks keys); the model is not")
     lookup = _lookup(module_names or {}, sdxl_unet)
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    tokens: dict[str, torch.Tensor] = {}
+    tables: dict[str, dict[str, torch.Tensor]] = {TOKEN_PREFIX: {}, TOKEN_PREFIX_2: {}}
     unknown = []
     for key, tensor in state_dict.items():
         if key.startswith(BUNDLE_PREFIX):
-            m = re.fullmatch(re.escape(BUNDLE_PREFIX) + r"(.+)\.string_to_param\.\*", key)
+            m = re.fullmatch(re.escape(BUNDLE_PREFIX) + r"(.+)\.(string_to_param\.\*|clip_l|clip_g)", key)
             if not m:
                 unknown.append(key)
                 continue
+            table = tables[TOKEN_PREFIX_2 if m.group(2) == "clip_g" else TOKEN_PREFIX]
             rows = tensor.reshape(-1, tensor.shape[-1])
             for i, row in enumerate(rows):
-                tokens[m.group(1) if i == 0 else f"{m.group(1)}_{i}"] = row
+                table[m.group(1) if i == 0 else f"{m.group(1)}_{i}"] = row
             continue
         m = _KEY.fullmatch(key)
         if not m:
@@ -212,6 +219,7 @@ def convert_kohya_to_native(
         scale = alpha / r
         out[f"{comp}.{name}.lora_A.weight"] = down
         out[f"{comp}.{name}.lora_B.weight"] = up if scale == 1.0 else up.float() * scale
-    for token, vector in tokens.items():
-        out[TOKEN_PREFIX + token] = vector
+    for prefix, table in tables.items():
+        for token, vector in table.items():
+            out[prefix + token] = vector
     return out

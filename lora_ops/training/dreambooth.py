@@ -107,11 +107,11 @@ def train_dreambooth(config: DreamBoothConfig, callback: Callback | None = None)
     )
     checkpoints: list[Path] = []
     metrics = run_phase(
-        trainee, phase, sources, lambda: current_lora(trainee, [], None, meta), callback, state, checkpoints
+        trainee, phase, sources, lambda: current_lora(trainee, [], [], meta), callback, state, checkpoints
     )
     metrics["class_images_generated"] = float(generated)
 
     # ---- output
     path = Path(config.runtime.output_dir) / f"{config.runtime.out_name}.safetensors"
-    save_lora(path, current_lora(trainee, [], None, meta), dtype=config.runtime.save_dtype)
+    save_lora(path, current_lora(trainee, [], [], meta), dtype=config.runtime.save_dtype)
     return TrainResult(path, metrics, checkpoints)

@@ -58,7 +58,7 @@ class Phase:
         lr_scheduler, warmup: the learning-rate schedule.
         text_trained: the text encoder's output depends on trained parameters (no embedding cache).
         unet_trained: the UNet has trained parameters (train mode).
-        token_embedding: the wrapped token rows, when tokens are trained.
+        token_embeddings: the wrapped token rows of each text encoder, when tokens are trained.
         ti_decay: apply the token norm prior after each step (phase 1, `clip_ti_decay`).
         step_offset: added to the step numbers given to the callback (phases follow each other).
     """
@@ -70,7 +70,7 @@ class Phase:
     warmup: int
     text_trained: bool
     unet_trained: bool
-    token_embedding: nn.Module | None = None
+    token_embeddings: list[nn.Module] = field(default_factory=list)
     ti_decay: bool = False
     step_offset: int = 0
 
@@ -133,9 +133,9 @@ def run_phase(
         source.sampler = source.dataset.batch_sampler(batch_size, phase_seed + 10 + k)
 
     # ---- the token norm prior's target: given, or the mean norm of the base vocabulary's rows
-    ti_target = config.ti_target_norm if hasattr(config, "ti_target_norm") else None
-    if phase.ti_decay and phase.token_embedding is not None and ti_target is None:
-        ti_target = vocabulary_norm(phase.token_embedding.base.weight, phase.token_embedding.ids)
+    # (per text encoder: SDXL's two vocabularies have different norms)
+    given = config.ti_target_norm if hasattr(config, "ti_target_norm") else None
+    ti_targets = [given if given is not None else vocabulary_norm(w.base.weight, w.ids) for w in phase.token_embeddings]
 
     # ---- optimizer, schedule, gradient scaler
     from diffusers.optimization import get_scheduler
@@ -302,8 +302,9 @@ def run_phase(
         lr = optimizer.param_groups[0]["lr"]
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if phase.ti_decay and phase.token_embedding is not None:
-            clip_ti_decay_(phase.token_embedding.rows, lr, ti_target)
+        if phase.ti_decay:
+            for wrapper, target in zip(phase.token_embeddings, ti_targets, strict=True):
+                clip_ti_decay_(wrapper.rows, lr, target)
 
         # ---- report
         losses.append(loss_value)

@@ -10,7 +10,7 @@ from torch import nn
 from ..inject import LoraConfig, extract_lora, inject_lora
 from ..lora_file import LoraFile
 from ..models import components
-from ..tokens import read_token_embeddings
+from ..tokens import read_lora_tokens
 from .config import TrainConfig
 from .trainee import Trainee, cast_frozen_weights
 
@@ -35,13 +35,17 @@ def text_components(trainee: Trainee) -> list[str]:
     return [name for name in components(trainee.pipe) if name != "unet"]
 
 
-def current_lora(trainee: Trainee, tokens: list[str], token_embedding: nn.Module | None, meta: dict) -> LoraFile:
-    """The native file of the current state: LoRA of both models, token rows, metadata."""
-    if token_embedding is not None:
-        token_rows = {t: token_embedding.rows[i].detach().float().cpu().clone() for i, t in enumerate(tokens)}
+def current_lora(trainee: Trainee, tokens: list[str], token_embeddings: list[nn.Module], meta: dict) -> LoraFile:
+    """The native file of the current state: LoRA of every model, token rows (of each text encoder), metadata.
+
+    `token_embeddings`: the wrapped token rows being trained, one per text encoder, or [] to read the rows from
+    the embedding tables.
+    """
+    if token_embeddings:
+        tables = [{t: w.rows[i].detach().float().cpu().clone() for i, t in enumerate(tokens)} for w in token_embeddings]
     else:
-        token_rows = read_token_embeddings(trainee.tokenizer, trainee.text_encoder, tokens) if tokens else {}
-    lora = LoraFile(tokens=token_rows, metadata=meta)
+        tables = list(read_lora_tokens(trainee, tokens).values()) if tokens else [{}]
+    lora = LoraFile(tokens=tables[0], tokens_2=tables[1] if len(tables) > 1 else {}, metadata=meta)
     for name, model in components(trainee.pipe).items():
         lora.component(name).update(extract_lora(model, name))
     return lora

@@ -8,15 +8,13 @@ training the tokens (`continue_inversion`). `train_pti` runs both as configured,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..dataset import DatasetConfig, ImageDataset
 from ..lora_file import load_lora, save_lora
-from ..models import source_is_sdxl
-from ..tokens import add_tokens, apply_token_embeddings, init_token_embeddings, parse_tokens
+from ..tokens import add_tokens, apply_lora_tokens, init_token_embeddings, parse_tokens, text_pairs
 from .batches import Source
 from .checkpoints import load_checkpoint, resolve_resume
 from .config import PTIConfig
@@ -26,30 +24,33 @@ from .token_rows import TokenEmbedding, unwrap_token_embedding, wrap_token_embed
 from .trainee import Trainee, load_trainee
 
 
-def _init_tokens(trainee: Trainee, tokens: list[str], initializer: str | None, seed: int) -> list[int]:
-    """Add the placeholder tokens and initialise their rows (words, "<rand-σ>", "<zero>" or random)."""
-    tok, te = trainee.tokenizer, trainee.text_encoder
-    ids = add_tokens(tok, te, tokens)
-    generator = torch.Generator().manual_seed(seed)
-    if initializer is None:
-        init_token_embeddings(tok, te, tokens, None, generator=generator)
-        return ids
-    words = initializer.split("|")
-    words = words * len(tokens) if len(words) == 1 else words
-    weight = te.get_input_embeddings().weight
-    for token, token_id, word in zip(tokens, ids, words, strict=True):
-        with torch.no_grad():
-            if word.startswith("<rand-") and word.endswith(">"):
-                try:
-                    sigma = float(word[6:-1])
-                except ValueError:
-                    raise ValueError(f"initializer_tokens: {word!r} must look like <rand-0.017>") from None
-                weight[token_id] = (torch.randn(weight.shape[1], generator=generator) * sigma).to(weight)
-            elif word == "<zero>":
-                weight[token_id] = 0.0
-            else:
-                init_token_embeddings(tok, te, [token], word)
-    return ids
+def _init_tokens(trainee: Trainee, tokens: list[str], initializer: str | None, seed: int) -> dict[str, list[int]]:
+    """Add the placeholder tokens to every text encoder and initialise their rows (words, "<rand-σ>", "<zero>"
+    or random), each encoder from its own vocabulary (SDXL: both, as diffusers' advanced SDXL script does);
+    returns the tokens' ids per encoder."""
+    ids_by_encoder = {}
+    words = None if initializer is None else initializer.split("|")
+    words = words * len(tokens) if words is not None and len(words) == 1 else words
+    for k, (name, (tok, te)) in enumerate(text_pairs(trainee).items()):
+        ids = ids_by_encoder[name] = add_tokens(tok, te, tokens)
+        generator = torch.Generator().manual_seed(seed + k)
+        if words is None:
+            init_token_embeddings(tok, te, tokens, None, generator=generator)
+            continue
+        weight = te.get_input_embeddings().weight
+        for token, token_id, word in zip(tokens, ids, words, strict=True):
+            with torch.no_grad():
+                if word.startswith("<rand-") and word.endswith(">"):
+                    try:
+                        sigma = float(word[6:-1])
+                    except ValueError:
+                        raise ValueError(f"initializer_tokens: {word!r} must look like <rand-0.017>") from None
+                    weight[token_id] = (torch.randn(weight.shape[1], generator=generator) * sigma).to(weight)
+                elif word == "<zero>":
+                    weight[token_id] = 0.0
+                else:
+                    init_token_embeddings(tok, te, [token], word)
+    return ids_by_encoder
 
 
 def _pti_dataset(config: PTIConfig, tokens: list[str]) -> ImageDataset:
@@ -93,28 +94,46 @@ def _prior_dataset(config: PTIConfig) -> ImageDataset:
     )
 
 
-def inversion_phase(trainee: Trainee, token_ids: Sequence[int]) -> tuple[Phase, TokenEmbedding]:
-    """Wrap the token embedding so that only the rows of `token_ids` train; the phase-1 Phase."""
+def token_groups(trainee: Trainee, ids: dict[str, list[int]], lr: float) -> tuple[list[dict], list[TokenEmbedding]]:
+    """Wrap each text encoder's token embedding so that only the new tokens' rows train; their AdamW groups
+    ("tokens", and "tokens_2" for SDXL's second encoder) and the wrappers, in text-encoder order."""
     config = trainee.config
-    wrapper = wrap_token_embedding(trainee.text_encoder, token_ids)
-    group = {
-        "name": "tokens",
-        "params": {"rows": wrapper.rows},
-        "lr": config.optim.scaled(config.learning_rate_ti),
-        "weight_decay": config.weight_decay_ti,
-    }
+    groups, wrappers = [], []
+    for k, (name, (_, te)) in enumerate(text_pairs(trainee).items()):
+        wrapper = wrap_token_embedding(te, ids[name])
+        wrappers.append(wrapper)
+        groups.append(
+            {
+                "name": "tokens" if k == 0 else f"tokens_{k + 1}",
+                "params": {"rows": wrapper.rows},
+                "lr": config.optim.scaled(lr),
+                "weight_decay": config.weight_decay_ti,
+            }
+        )
+    return groups, wrappers
+
+
+def unwrap_tokens(trainee: Trainee) -> None:
+    for encoder in trainee.text_encoders:
+        unwrap_token_embedding(encoder)
+
+
+def inversion_phase(trainee: Trainee, ids: dict[str, list[int]]) -> tuple[Phase, list[TokenEmbedding]]:
+    """The phase-1 Phase: only the rows of the new tokens train, in every text encoder."""
+    config = trainee.config
+    groups, wrappers = token_groups(trainee, ids, config.learning_rate_ti)
     phase = Phase(
         name="inversion",
         steps=config.max_train_steps_ti,
-        groups=[group],
+        groups=groups,
         lr_scheduler=config.optim.lr_scheduler,
         warmup=config.optim.lr_warmup_steps,
         text_trained=True,
         unet_trained=False,
-        token_embedding=wrapper,
+        token_embeddings=wrappers,
         ti_decay=config.clip_ti_decay,
     )
-    return phase, wrapper
+    return phase, wrappers
 
 
 def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, callback: Callback | None):
@@ -124,20 +143,12 @@ def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, c
     if state is not None and state["phase"] not in phases:
         raise ValueError(f"resume: {resume_path} is a {state['phase']!r} checkpoint; this run trains {phases}")
     tokens = parse_tokens(config.placeholder_tokens)
-    base = config.runtime.pretrained_model_name_or_path
-    if source_is_sdxl(base, **({"revision": config.revision} if config.revision else {})):
-        # SDXL needs each new token in both text encoders' vocabularies (and a file format for the pair)
-        raise ValueError(
-            f"{base} is an SDXL model: pivotal tuning (new tokens) is not supported on SDXL yet; "
-            "train LoRA on it with `lora-ops train dreambooth`"
-        )
     trainee = load_trainee(config)
     dataset = _pti_dataset(config, tokens)
     meta_phases = ["tokens"] + (["lora"] if "tuning" in phases else [])
     meta = lora_metadata(trainee, "pti", meta_phases)
     metrics: dict[str, float] = {}
     checkpoints: list[Path] = []
-    te = trainee.text_encoder
 
     # ---- tokens: from a phase-1 file, from the checkpoint being resumed, or freshly initialised
     resumed_tuning = state is not None and state["phase"] == "tuning"
@@ -148,39 +159,32 @@ def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, c
                 f"tokens_from: {tokens_from} holds tokens {list(source_file.tokens)}, "
                 f"but placeholder_tokens is {config.placeholder_tokens!r}"
             )
-        ids = apply_token_embeddings(trainee.tokenizer, te, source_file.tokens)
+        ids = apply_lora_tokens(trainee, source_file)
     else:
         ids = _init_tokens(trainee, tokens, config.initializer_tokens, config.seed)
 
     # ---- phase 1: textual inversion (only the new token rows train)
     if "inversion" in phases and not resumed_tuning:
-        phase, wrapper = inversion_phase(trainee, ids)
+        phase, wrappers = inversion_phase(trainee, ids)
         metrics |= run_phase(
             trainee,
             phase,
             [Source(dataset)],
-            lambda: current_lora(trainee, tokens, wrapper, meta),
+            lambda: current_lora(trainee, tokens, wrappers, meta),
             callback,
             state if state is not None and state["phase"] == "inversion" else None,
             checkpoints,
         )
-        unwrap_token_embedding(te)
+        unwrap_tokens(trainee)
 
     # ---- phase 2: LoRA tuning (UNet, optionally text encoder, optionally the tokens still)
     if "tuning" in phases:
         groups = inject_trainable_lora(trainee, config)
-        wrapper = None
+        wrappers = []
         if config.continue_inversion:
-            wrapper = wrap_token_embedding(te, ids)
             lr = config.continue_inversion_lr if config.continue_inversion_lr is not None else config.learning_rate_ti
-            groups.append(
-                {
-                    "name": "tokens",
-                    "params": {"rows": wrapper.rows},
-                    "lr": config.optim.scaled(lr),
-                    "weight_decay": config.weight_decay_ti,
-                }
-            )
+            token_param_groups, wrappers = token_groups(trainee, ids, lr)
+            groups += token_param_groups
         phase = Phase(
             name="tuning",
             steps=config.max_train_steps_tuning,
@@ -189,7 +193,7 @@ def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, c
             warmup=config.lr_warmup_steps_lora,
             text_trained=config.lora.train_text_encoder or config.continue_inversion,
             unet_trained=True,
-            token_embedding=wrapper,
+            token_embeddings=wrappers,
             step_offset=config.max_train_steps_ti if "inversion" in phases else 0,
         )
         sources = [Source(dataset)]
@@ -199,16 +203,16 @@ def _pti(config: PTIConfig, phases: list[str], tokens_from: str | Path | None, c
             trainee,
             phase,
             sources,
-            lambda: current_lora(trainee, tokens, wrapper, meta),
+            lambda: current_lora(trainee, tokens, wrappers, meta),
             callback,
             state if resumed_tuning else None,
             checkpoints,
         )
-        unwrap_token_embedding(te)
+        unwrap_tokens(trainee)
 
     # ---- output: the native file
     path = Path(config.runtime.output_dir) / f"{config.runtime.out_name}.safetensors"
-    save_lora(path, current_lora(trainee, tokens, None, meta), dtype=config.runtime.save_dtype)
+    save_lora(path, current_lora(trainee, tokens, [], meta), dtype=config.runtime.save_dtype)
     return TrainResult(path, metrics, checkpoints)
 
 
