@@ -13,9 +13,15 @@ Peak memory is torch.cuda.max_memory_allocated on CUDA ("n/a" on CPU, where the 
 per-variant measure). `--pti-e2e` adds the wall time of a whole PTI run (the original project's
 recommended settings: 1000 + 1000 steps, batch 1 x 4 accumulated, text-encoder LoRA, continued inversion).
 
+SDXL (`--arch sdxl`, 1024 px by default; `sdxl-tiny` for a CPU run) is timed the same way: both text
+encoders (penultimate states side by side, the second one's pooled projection) and the size conditioning
+in every variant, the trainer's tokens in both encoders.
+
     .venv/bin/python benchmarks/train_speed.py --arch tiny                      # CPU, seconds
     python benchmarks/train_speed.py --arch sd15 --device cuda --batch 4 --resolution 512 --json b4.json
     python benchmarks/train_speed.py --arch sd15 --device cuda --pti-e2e --json pti.json
+    python benchmarks/train_speed.py --arch sdxl --device cuda --batch 1 --json sdxl.json   # 1024 px, peak GiB
+    python benchmarks/train_speed.py --arch sdxl --device cuda --batch 1 --gradient-checkpointing --json x.json
 """
 
 from __future__ import annotations
@@ -82,14 +88,32 @@ def write_images(folder: Path, n: int, size: int) -> Path:
 
 
 def load_components(model_dir: Path, device: torch.device):
+    """UNet, VAE, text encoders (one, or SDXL's two), noise scheduler."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
     vae = AutoencoderKL.from_pretrained(model_dir / "vae")
-    te = CLIPTextModel.from_pretrained(model_dir / "text_encoder")
+    encoders = [CLIPTextModel.from_pretrained(model_dir / "text_encoder").to(device)]
+    if (model_dir / "text_encoder_2").is_dir():
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(model_dir / "text_encoder_2").to(device))
     sched = DDPMScheduler.from_pretrained(model_dir / "scheduler")
-    return unet, vae.to(device), te.to(device), sched
+    return unet, vae.to(device), encoders, sched
+
+
+def encode_text(encoders, ids: torch.Tensor, resolution: int):
+    """(states, UNet extra kwargs): SD 1.x/2.x the last hidden states; SDXL both encoders' penultimate states
+    side by side, the second one's pooled projection and the size conditioning (a full, uncropped frame)."""
+    if len(encoders) == 1:
+        return encoders[0](ids)[0], {}
+    states, pooled = [], None
+    for encoder in encoders:
+        out = encoder(ids, output_hidden_states=True)
+        pooled = out[0]
+        states.append(out.hidden_states[-2])
+    size = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=ids.device, dtype=pooled.dtype)
+    added = {"text_embeds": pooled, "time_ids": size.expand(ids.shape[0], 6)}
+    return torch.cat(states, dim=-1), {"added_cond_kwargs": added}
 
 
 # ---- (a) and (b): the baselines, written the way diffusers' examples write them ---------------------------
@@ -97,11 +121,12 @@ def load_components(model_dir: Path, device: torch.device):
 
 def baseline_loop(kind: str, args, model_dir: Path, device: torch.device) -> dict:
     """(a) kind="reference" (peft LoRA, frozen base) or (b) kind="full" (every UNet weight trains)."""
-    unet, vae, te, sched = load_components(model_dir, device)
+    unet, vae, encoders, sched = load_components(model_dir, device)
     amp = torch.bfloat16 if device.type == "cuda" else None
     base_dtype = amp or torch.float32
     vae.to(dtype=base_dtype).requires_grad_(False)
-    te.to(dtype=base_dtype).requires_grad_(False)
+    for te in encoders:
+        te.to(dtype=base_dtype).requires_grad_(False)
     if kind == "reference":
         from peft import LoraConfig
 
@@ -118,23 +143,26 @@ def baseline_loop(kind: str, args, model_dir: Path, device: torch.device) -> dic
     else:
         unet.to(device)  # fp32 master weights, trained under autocast
         unet.requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
     pixels = (torch.rand(args.batch, 3, args.resolution, args.resolution, generator=g) * 2 - 1).to(device, base_dtype)
-    ids = torch.randint(0, te.config.vocab_size - 2, (args.batch, 77), generator=g).to(device)
+    vocab = min(te.config.vocab_size for te in encoders)
+    ids = torch.randint(0, vocab - 2, (args.batch, 77), generator=g).to(device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
     def step():
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-            embeds = te(ids)[0]
+            embeds, extra = encode_text(encoders, ids, args.resolution)
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), device=device)
         noisy = sched.add_noise(latents, noise, t)
         with autocast:
-            pred = unet(noisy, t, embeds).sample
+            pred = unet(noisy, t, embeds, **extra).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -181,7 +209,10 @@ def pti_config(args, model_dir: Path, data: Path, out: Path, **overrides):
         progress=False,
         eval_noises=0,
         save_steps=10**6,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
+    if args.arch == "sdxl-tiny":
+        values["bucket_reso_steps"] = 8  # bucketing is on by default for SDXL; 32 px sides step by 8
     if args.compile is not None:
         values["compile"] = args.compile
     values.update(overrides)
@@ -287,7 +318,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ref = next(r for r in rows if r["variant"].startswith("reference"))
     full = next(r for r in rows if r["variant"].startswith("full"))
     head = (
-        f"{meta['arch']}, batch {meta['batch']}, {meta['resolution']} px, rank {meta['rank']}, {meta['device_name']}\n\n"
+        f"{meta['arch']}, batch {meta['batch']}, {meta['resolution']} px, rank {meta['rank']}, {meta['device_name']}"
+        f"{', gradient checkpointing' if meta.get('gradient_checkpointing') else ''}\n\n"
         "| variant | ms/step | samples/s | warm-up s | peak GiB | × reference | × full |\n"
         "|---|---:|---:|---:|---:|---:|---:|\n"
     )
@@ -303,9 +335,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=("tiny", "sd15", "sd21"), default="tiny")
+    parser.add_argument("--arch", choices=("tiny", "sd15", "sd21", "sdxl-tiny", "sdxl"), default="tiny")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: 32 tiny, 512 otherwise)")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="pixels (default: 32 tiny and sdxl-tiny, 1024 sdxl, 512 otherwise)"
+    )
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="in every variant (memory for time)")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 2 CPU, 5 CUDA)")
@@ -318,7 +353,7 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    args.resolution = args.resolution or (32 if args.arch == "tiny" else 512)
+    args.resolution = args.resolution or {"tiny": 32, "sdxl-tiny": 32, "sdxl": 1024}.get(args.arch, 512)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     args.repeats = args.repeats if args.repeats is not None else (20 if cuda else 5)
     for name in ("batch", "rank", "repeats", "steps", "resolution"):
@@ -340,6 +375,7 @@ def main(argv=None) -> dict:
         "batch": args.batch,
         "resolution": args.resolution,
         "rank": args.rank,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,

@@ -212,6 +212,26 @@ def test_benchmark_runs_and_reports(tmp_path):
     assert 0 < e2e["inversion_loop_s"] < e2e["total_s"] and 0 < e2e["tuning_loop_s"] < e2e["total_s"]
 
 
+def test_benchmark_runs_on_sdxl(tmp_path):
+    """The SDXL variant of the benchmark (both text encoders, pooled embeddings, size conditioning) on the tiny
+    SDXL: what a GPU run at 1024 px (`--arch sdxl`) measures speed and peak memory with."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_speed
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "bench.json"
+    args = ["--arch", "sdxl-tiny", "--batch", "1", "--warmup", "1", "--repeats", "2", "--device", "cpu"]
+    train_speed.main([*args, "--gradient-checkpointing", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["meta"]["arch"] == "sdxl-tiny" and result["meta"]["gradient_checkpointing"] is True
+    assert [r["variant"] for r in result["rows"]][-1] == "trainer: LoRA tuning (c)"
+    assert all(r["ms_per_step"] > 0 and r["steps_timed"] == 2 for r in result["rows"])
+    assert "sdxl-tiny, batch 1, 32 px, rank 4" in result["table"] and "gradient checkpointing" in result["table"]
+    args = train_speed.parse_args(["--arch", "sdxl"])
+    assert args.resolution == 1024
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_match_eager_on_cuda(tiny_model, tmp_path):
     """On CUDA the default (reduce-overhead: CUDA graphs, bf16 base weights) trains like eager bf16."""
