@@ -54,7 +54,15 @@ PARAMS = {
         type="string",
         minLength=1,
         title="Base model",
-        description="Hub id, local diffusers folder or s3:// prefix",
+        description="Hub id, local diffusers folder, s3:// prefix, or a one-file .safetensors/.ckpt checkpoint",
+        section="Data and model",
+    ),
+    "base_model_config": Param(
+        None,
+        type=["null", "string"],
+        title="Base model config",
+        description="For a one-file checkpoint: hub id, folder or s3:// prefix of the same architecture "
+        "(configs and tokenizer); empty otherwise",
         section="Data and model",
     ),
     # --- Tokens
@@ -379,6 +387,8 @@ def build_commands(run_id: str, params: dict[str, Any], bucket: str) -> dict[str
     common = ["--run-id", run_id]
     device = ["--device", params["executor_profile"]]
     model = ["--base-model", params["base_model"]]
+    if (params.get("base_model_config") or "").strip():
+        model += ["--base-model-config", params["base_model_config"].strip()]
     shape = ["--resolution", str(params["resolution"]), "--seed", str(params["seed"])]
     shape += ["--batch-size", str(params.get("batch_size", 1))]
     buckets = ["--enable-bucket", str(params.get("enable_bucket", "auto"))]

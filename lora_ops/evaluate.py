@@ -163,8 +163,12 @@ class EvaluateConfig:
         check_model_source("clip_model", self.clip_model)
         if self.dino_model:
             check_model_source("dino_model", self.dino_model)
+        from .models import is_single_file
+
         model = Path(str(self.model))
-        if model.exists() and not (model / "model_index.json").is_file():
+        if is_single_file(model):
+            pass  # a one-file checkpoint (its configs from model_config, or from the hub)
+        elif model.exists() and not (model / "model_index.json").is_file():
             raise ValueError(f"model={str(self.model)!r} is not a diffusers model folder (no model_index.json)")
         if not model.exists() and (str(self.model).count("/") != 1 or str(self.model).startswith(("/", "."))):
             raise ValueError(f"model={str(self.model)!r}: no such folder, and not a hub id of the form 'org/name'")

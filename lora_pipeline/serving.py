@@ -62,10 +62,10 @@ class LoraPipelineModel(mlflow.pyfunc.PythonModel):
 
         self.lora_path = context.artifacts["lora"]
         self.metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
-        base = resolve_base_model(self.metadata["base_model"])
+        base = resolve_base_model(self.metadata["base_model"], config=self.metadata.get("base_model_config"))
         device = resolve_device("auto")
         dtype = torch.float16 if device == "cuda" else torch.float32
-        self.pipe = load_pipeline(base.path, device=device, dtype=dtype)
+        self.pipe = load_pipeline(base.path, device=device, dtype=dtype, config=base.config_path)
         patch_pipeline(self.pipe, self.lora_path, adapter_name="registered")
 
     # the type hints say what MLflow hands over (the signature is explicit; a DataFrame hint infers none)

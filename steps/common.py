@@ -39,6 +39,19 @@ def parser(step: str, description: str, compute: bool = True, out_required: bool
     return p
 
 
+BASE_MODEL_HELP = (
+    "hub id, diffusers folder, s3:// prefix, or a one-file .safetensors/.ckpt checkpoint (file or s3:// object)"
+)
+
+
+def add_base_model_args(p: argparse.ArgumentParser) -> None:
+    """`--base-model` and, for a one-file checkpoint, `--base-model-config` (its architecture's configs)."""
+    p.add_argument("--base-model", required=True, help=BASE_MODEL_HELP)
+    p.add_argument("--base-model-config", default=None,
+                   help="for a one-file checkpoint: a hub id, diffusers folder or s3:// prefix of the same "
+                   "architecture (configs and tokenizer)")  # fmt: skip
+
+
 def add_bucket_args(p: argparse.ArgumentParser) -> None:
     """Aspect-ratio bucketing flags of the training steps (the trainers' `enable_bucket`, `bucket_reso_steps`)."""
     p.add_argument("--enable-bucket", default="auto", choices=["auto", "true", "false"],

@@ -31,7 +31,7 @@ LORA_FILE = "lora.safetensors"
 def build_parser():
     p = common.parser(STEP, __doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="the subject's images (the preprocess output)")
-    p.add_argument("--base-model", required=True, help="hub id, diffusers folder or s3:// prefix")
+    common.add_base_model_args(p)
     p.add_argument("--lora", required=True, action="append", help="output prefix of tune or distill (repeat)")
     p.add_argument("--prompts", nargs="+", default=None, help='prompt templates with "{token}"')
     p.add_argument("--scales", nargs="+", type=float, default=[1.0], help="LoRA scales (default 1.0)")
@@ -61,7 +61,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = common.parse(
         build_parser(),
         argv,
-        inputs=("--dataset", "--base-model", "--lora", "--clip-model", "--dino-model", "--classifier-model"),
+        inputs=(
+            "--dataset",
+            "--base-model",
+            "--base-model-config",
+            "--lora",
+            "--clip-model",
+            "--dino-model",
+            "--classifier-model",
+        ),
     )
     names = candidate_names(args.lora)
     params = {
@@ -82,7 +90,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lora-evaluate-") as tmp:
         tmp = Path(tmp)
         dataset = fetch(args.dataset, tmp / "dataset", name="--dataset", include=common.is_dataset_file)
-        base = resolve_base_model(args.base_model)
+        base = resolve_base_model(args.base_model, config=args.base_model_config)
         loras = {}
         inputs = {"dataset": dataset.lineage(), "base_model": base.lineage()}
         for i, (name, uri) in enumerate(zip(names, args.lora, strict=True)):
@@ -106,6 +114,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             evaluated = evaluate_loras(
                 EvaluateConfig(
                     model=base.path,
+                    model_config=base.config_path,
                     loras=[loras[n].path / LORA_FILE for n in names],
                     names=names,
                     output_dir=out_dir,

@@ -1,6 +1,6 @@
 """invert: textual inversion (phase 1 of pivotal tuning): dataset -> learned token embeddings.
 
-    python -m lora_pipeline.steps.invert --run-id RUN_ID --dataset URI --base-model REF --out URI
+    python -m lora_pipeline.steps.invert --run-id RUN_ID --dataset URI --base-model REF [--base-model-config REF] --out URI
         --placeholder-tokens "<s1>|<s2>" [--initializer-tokens WORDS] [--template object|style|none]
         [--steps N] [--lr F] [--resolution N] [--seed N] [--use-masks] [--save-steps N]
         [--enable-bucket auto|true|false] [--bucket-reso-steps N]
@@ -28,7 +28,7 @@ TOKENS_FILE = "tokens.safetensors"
 def build_parser():
     p = common.parser(STEP, __doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="dataset prefix (normally the preprocess output)")
-    p.add_argument("--base-model", required=True, help="hub id, diffusers folder or s3:// prefix")
+    common.add_base_model_args(p)
     p.add_argument("--placeholder-tokens", required=True, help='new tokens, e.g. "<s1>|<s2>"')
     p.add_argument("--initializer-tokens", default=None, help='one word per token ("dog|toy") or one for all')
     p.add_argument("--template", default="object", choices=["object", "style", "none"], help="prompt templates")
@@ -47,7 +47,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from lora_ops.training.config import PTIConfig
     from lora_ops.training.pti import run_inversion
 
-    args = common.parse(build_parser(), argv, inputs=("--dataset", "--base-model"))
+    args = common.parse(build_parser(), argv, inputs=("--dataset", "--base-model", "--base-model-config"))
     params = {
         "placeholder_tokens": args.placeholder_tokens,
         "initializer_tokens": args.initializer_tokens,
@@ -63,13 +63,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lora-invert-") as tmp:
         tmp = Path(tmp)
         dataset = fetch(args.dataset, tmp / "dataset", name="--dataset", include=common.is_dataset_file)
-        base = resolve_base_model(args.base_model)
+        base = resolve_base_model(args.base_model, config=args.base_model_config)
         inputs = {"dataset": dataset.lineage(), "base_model": base.lineage()}
         done = find_completed(args.out, STEP, inputs, params)
         if done is not None:
             return done
         config = PTIConfig(
             pretrained_model_name_or_path=base.path,
+            single_file_config=base.config_path,
             instance_data_dir=str(dataset.path),
             output_dir=str(tmp / "train"),
             out_name="tokens",

@@ -224,6 +224,8 @@ def _create_version(tracker, client, args, manifest, best, metrics, evaluation_s
     metadata = {
         "base_model": inputs.get("base_model", {}).get("uri") or lora.metadata.get("base_model"),
         "base_model_sha256": inputs.get("base_model", {}).get("sha256"),
+        # a one-file checkpoint base: the model its configs come from (serving loads the base with it)
+        "base_model_config": inputs.get("base_model", {}).get("config"),
         "dataset_sha256": inputs.get("dataset", {}).get("sha256"),
         SOURCE_DATASET: manifest.get(SOURCE_DATASET),
         "run_prefix": run_prefix_of(args.evaluation),

@@ -1,6 +1,6 @@
 """tune: LoRA tuning around learned tokens (phase 2 of pivotal tuning): dataset + tokens -> LoRA file.
 
-    python -m lora_pipeline.steps.tune --run-id RUN_ID --dataset URI --tokens URI --base-model REF --out URI
+    python -m lora_pipeline.steps.tune --run-id RUN_ID --dataset URI --tokens URI --base-model REF [--base-model-config REF] --out URI
         [--rank N] [--steps N] [--lr-unet F] [--lr-text F] [--train-text-encoder]
         [--resolution N] [--seed N] [--save-steps N] [--use-masks]
         [--enable-bucket auto|true|false] [--bucket-reso-steps N]
@@ -32,7 +32,7 @@ def build_parser():
     p = common.parser(STEP, __doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="dataset prefix (normally the preprocess output)")
     p.add_argument("--tokens", required=True, help="output prefix of the invert step")
-    p.add_argument("--base-model", required=True, help="hub id, diffusers folder or s3:// prefix")
+    common.add_base_model_args(p)
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--lr-unet", type=float, default=1e-4)
@@ -88,7 +88,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from lora_ops.training.config import PTIConfig
     from lora_ops.training.pti import run_tuning
 
-    args = common.parse(build_parser(), argv, inputs=("--dataset", "--tokens", "--base-model"))
+    args = common.parse(build_parser(), argv, inputs=("--dataset", "--tokens", "--base-model", "--base-model-config"))
     if args.save_steps < 1:
         raise ValueError(f"--save-steps={args.save_steps}: must be >= 1")
     params = {
@@ -111,7 +111,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         tokens_file = next(iter(sorted((tokens.path).glob("*.safetensors"))), None)
         if tokens_file is None:
             raise ValueError(f"--tokens={args.tokens}: holds no .safetensors tokens file")
-        base = resolve_base_model(args.base_model)
+        base = resolve_base_model(args.base_model, config=args.base_model_config)
         inputs = {"dataset": dataset.lineage(), "tokens": tokens.lineage(), "base_model": base.lineage()}
         done = find_completed(args.out, STEP, inputs, params)
         if done is not None:
@@ -133,6 +133,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
         config = PTIConfig(
             pretrained_model_name_or_path=base.path,
+            single_file_config=base.config_path,
             instance_data_dir=str(dataset.path),
             output_dir=str(train_dir),
             out_name="lora",

@@ -143,3 +143,60 @@ def test_step_command_line_and_clear_errors(tmp_path, stack_env, capsys):  # noq
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--lora=s3://artifacts/none/: no manifest.json there" in lines[-1]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_one_file_checkpoint_base_through_the_steps_and_serving(
+    tmp_path, stack_env, tiny_model, vision_models, capsys, monkeypatch
+):  # noqa: F811
+    """A community checkpoint (one .safetensors object in S3) with its architecture's configs (an s3:// prefix):
+    invert, tune, evaluate and register run on it, and the served model loads it and answers like the folder."""
+    import mlflow.pyfunc
+    import torch
+    from lora_pipeline.steps.models import resolve_base_model
+
+    from lora_ops import load_pipeline
+    from lora_ops.single_file import save_single_file
+
+    monkeypatch.setenv("LORA_PIPELINE_CACHE", str(tmp_path / "cache"))
+    run_id = "chain-one-file"
+    runs = f"s3://artifacts/runs/{run_id}"
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    save_single_file(load_pipeline(tiny_model), ckpt_dir / "community.safetensors")
+    ckpt = upload_folder(stack_env, ckpt_dir, "models", "community") + "community.safetensors"
+    config = upload_folder(stack_env, tiny_model, "models", "tiny-config")
+    dataset = upload_folder(stack_env, raw_images(tmp_path / "raw", n=2), "artifacts", "datasets/one-file")
+    common = ["--run-id", run_id, "--device", "cpu"]
+    base = ["--base-model", ckpt, "--base-model-config", config]
+
+    # resolved once into the cache, keyed by the object's ETag; the lineage names the checkpoint and its config
+    first = resolve_base_model(ckpt, config=config)
+    assert first.path.endswith("community.safetensors") and first.config_path is not None
+    assert resolve_base_model(ckpt, config=config).path == first.path
+    assert first.lineage()["config"] == config
+    with pytest.raises(ValueError, match="--base-model-config is for one-file checkpoints"):
+        resolve_base_model(config, config=config)
+
+    pre = call(preprocess, [*common, "--dataset", dataset, "--out", f"{runs}/preprocess/", "--resolution", "32",
+                            "--caption-model", "none", "--mask", "none"], capsys)  # fmt: skip
+    inv = call(invert, [*common, "--dataset", pre["dataset"], *base, "--out", f"{runs}/invert/",
+                        "--placeholder-tokens", "<s1>", "--initializer-tokens", "dog", "--steps", "2",
+                        "--resolution", "32", "--template", "object"], capsys)  # fmt: skip
+    tun = call(tune, [*common, "--dataset", pre["dataset"], "--tokens", inv["out"], *base, "--out", f"{runs}/tune/",
+                      "--rank", "2", "--steps", "2", "--resolution", "32", "--lr-unet", "1e-2"], capsys)  # fmt: skip
+    ev = call(evaluate, [*common, "--dataset", pre["dataset"], *base, "--lora", tun["out"], "--out",
+                         f"{runs}/evaluate/", "--prompts", "a photo of {token}", "--seed", "0",
+                         "--num-inference-steps", "2", "--resolution", "32", "--sweep-steps", "0",
+                         "--clip-model", str(vision_models["clip"])], capsys)  # fmt: skip
+    reg = call(register, ["--run-id", run_id, "--evaluation", ev["out"], "--model-name", "one-file-dog"], capsys)
+    assert reg["alias"] == "champion"
+    model = mlflow.pyfunc.load_model("models:/one-file-dog@champion")
+    meta = model.unwrap_python_model().metadata
+    assert meta["base_model"] == ckpt and meta["base_model_config"] == config
+    images = model.predict(["a photo of <s1>"], params={"num_inference_steps": 2, "height": 32, "width": 32})
+    assert len(images) == 1
+    # the served pipeline is the checkpoint's: the same UNet weights as the folder it was written from
+    served = model.unwrap_python_model().pipe
+    folder = load_pipeline(tiny_model)
+    key = "conv_in.weight"
+    assert torch.equal(served.unet.state_dict()[key].float(), folder.unet.state_dict()[key].float())

@@ -91,7 +91,6 @@ def register(sub) -> None:
             "lora-ops add upl my_lora.safetensors --base ./sd15 --alpha 0.8 --out ./sd15-merged",
             "lora-ops add upl-ckpt my_lora.safetensors --base model.safetensors --model-config ./sd15 --out merged.safetensors",
             "lora-ops add lpl a.safetensors b.safetensors --weights 0.7 0.3 --out ab.safetensors",
-            "lora-ops add ljl style.safetensors subject.safetensors --names style subject --out joined.safetensors",
         ),
     )
     p.add_argument("mode", choices=MODES)
