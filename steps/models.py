@@ -120,10 +120,22 @@ def _single_file(ref: str, store: Store | None, cache: Path) -> BaseModel:
     cached = (json.loads(index_file.read_text()) if index_file.is_file() else {}).get(key)
     if cached and (models / cached / name).is_file():
         return BaseModel(ref, str(models / cached / name), cached)
+
+    def download(tmp: Path) -> str:
+        store.get_file(loc, tmp / name)
+        return sha256_file(tmp / name)
+
+    digest = _into_cache(models, download)
+    _remember(index_file, key, digest)
+    return BaseModel(ref, str(models / digest / name), digest)
+
+
+def _into_cache(models: Path, download) -> str:
+    """Run `download(tmp)` (fills a fresh folder, returns its content hash) and move the folder to
+    `models/<hash>` (kept if it is there already); a failed download leaves nothing behind."""
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=models))
     try:
-        store.get_file(loc, tmp / name)
-        digest = sha256_file(tmp / name)
+        digest = download(tmp)
         final = models / digest
         if final.exists():
             shutil.rmtree(tmp)
@@ -132,8 +144,7 @@ def _single_file(ref: str, store: Store | None, cache: Path) -> BaseModel:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _remember(index_file, key, digest)
-    return BaseModel(ref, str(final / name), digest)
+    return digest
 
 
 def _remember(index_file: Path, key: str, digest: str) -> None:
@@ -179,22 +190,16 @@ def _from_s3(ref: str, store: Store | None, cache: Path) -> BaseModel:
     cached = index.get(listing_key)
     if cached and (models / cached / "model_index.json").is_file():
         return BaseModel(ref, str(models / cached), cached)
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=models))
-    try:
+
+    def download(tmp: Path) -> str:
         fetched = fetch(ref, tmp, store, name="--base-model")
         if not (tmp / "model_index.json").is_file():
             raise ValueError(f"--base-model={ref}: not a diffusers model folder (no model_index.json)")
-        digest = fetched.sha256
-        final = models / digest
-        if final.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        return fetched.sha256
+
+    digest = _into_cache(models, download)
     _remember(index_file, listing_key, digest)
-    return BaseModel(ref, str(final), digest)
+    return BaseModel(ref, str(models / digest), digest)
 
 
 def _etags(store: Store, loc) -> list[str]:

@@ -183,13 +183,19 @@ def test_speed_option_defaults_and_validation(tmp_path):
         PTIConfig(**base, accumulation="both")
 
 
-def test_benchmark_runs_and_reports(tmp_path):
-    """`benchmarks/train_speed.py` on the tiny model: every variant, ratios, table, JSON, PTI end to end."""
+def _benchmark():
+    """benchmarks/train_speed.py as a module."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import train_speed
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return train_speed
+
+
+def test_benchmark_runs_and_reports(tmp_path):
+    """`benchmarks/train_speed.py` on the tiny model: every variant, ratios, table, JSON, PTI end to end."""
+    train_speed = _benchmark()
     out = tmp_path / "bench.json"
     args = ["--arch", "tiny", "--batch", "2", "--warmup", "1", "--repeats", "2", "--device", "cpu"]
     train_speed.main([*args, "--pti-e2e", "--steps", "2", "--json", str(out)])
@@ -215,11 +221,7 @@ def test_benchmark_runs_and_reports(tmp_path):
 def test_benchmark_runs_on_sdxl(tmp_path):
     """The SDXL variant of the benchmark (both text encoders, pooled embeddings, size conditioning) on the tiny
     SDXL: what a GPU run at 1024 px (`--arch sdxl`) measures speed and peak memory with."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import train_speed
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    train_speed = _benchmark()
     out = tmp_path / "bench.json"
     args = ["--arch", "sdxl-tiny", "--batch", "1", "--warmup", "1", "--repeats", "2", "--device", "cpu"]
     train_speed.main([*args, "--gradient-checkpointing", "--json", str(out)])
