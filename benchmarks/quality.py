@@ -3,6 +3,7 @@
     python benchmarks/quality.py [--out out/bench-quality] [--concepts ring star striped]
         [--recipes ti lora pti pti_extended dreambooth dreambooth_prior full reference]
         [--seeds 0 1 2] [--steps 400] [--concept-seeds 20] [--known-seeds 4] [--extras distill resize merge]
+        [--train-text-encoder] [--model DIR] [--resume]
 
 For every held-out concept, recipe and seed: write the concept's instance images (seeded), train with the
 same step budget, generate the concept's prompt in every colour (`--concept-seeds` images per colour) and
@@ -11,6 +12,11 @@ and DINO come from the world's scorers. Extras on the first seed of the first co
 of the full fine-tune at ranks 1/2/4/8 ("distill"), `resize --energy 0.9` of the PTI LoRA ("resize"), and
 an `lpl` merge of the ring and star PTI LoRAs ("merge"). Writes results.json, results.md (mean ± std over
 seeds) and sample grids (one per concept and recipe, first seed) to --out.
+
+The whole benchmark takes hours on a CPU: results.json is rewritten after every cell, and `--resume` keeps
+the cells an earlier run with the same settings left in --out (its trained files included) and trains
+only the missing ones, so it can be run in parts (`--concepts ring`, then `--concepts star --resume`, ...)
+and after an interruption; results.md covers every cell in results.json.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -136,6 +143,7 @@ def markdown(results: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out/bench-quality")
+    p.add_argument("--model", help="base model folder (default: the shipped shapes-world base, sd/)")
     p.add_argument("--concepts", nargs="+", default=["ring", "star", "striped"])
     p.add_argument("--recipes", nargs="+", default=[*RECIPES, *BASELINES])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -145,6 +153,9 @@ def parse_args(argv=None):
     p.add_argument("--concept-seeds", type=int, default=20, help="images per colour (5 colours)")
     p.add_argument("--known-seeds", type=int, default=4, help="images per known prompt (25 prompts)")
     p.add_argument("--extras", nargs="*", default=["distill", "resize", "merge"])
+    p.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too (PTI recipes)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cells of an earlier run with the same settings in --out; train the missing ones")  # fmt: skip
     args = p.parse_args(argv)
     bad = [r for r in args.recipes if r not in (*RECIPES, *BASELINES)]
     if bad:
@@ -152,20 +163,52 @@ def parse_args(argv=None):
     return args
 
 
+# what must match for an earlier run's cells to be kept (--resume)
+SETTINGS = ("model", "steps", "inversion_share", "concept_seeds", "known_seeds", "train_text_encoder")
+
+
+def earlier_results(out: Path, args) -> dict:
+    """results.json of an earlier run in `out` with the same SETTINGS, or {} when there is none."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    theirs = earlier.get("args", {})
+    differ = [
+        f"{k}={theirs.get(k)!r} (now {getattr(args, k)!r})" for k in SETTINGS if theirs.get(k) != getattr(args, k)
+    ]
+    if differ:
+        raise SystemExit(f"--resume: {path} was made with other settings: {', '.join(differ)}; "
+                         "run with those or choose another --out")  # fmt: skip
+    return earlier
+
+
+def kept_rows(earlier: dict, out: Path, name: str, recipe: str) -> dict[int, dict]:
+    """{seed: row} of the earlier run's (concept, recipe) cells whose trained file is still in `out`."""
+    rows = earlier.get("cells", {}).get(name, {}).get(recipe, [])
+    return {row["seed"]: row for row in rows if "file" in row and (out / row["file"]).exists()}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = pretrained("sd")
+    earlier = earlier_results(out, args) if args.resume else {}
+    model = Path(args.model) if args.model else pretrained("sd")
     evaluator = ShapesEvaluator.from_pretrained(pretrained("evaluator"))
     scorers = Scorers()
     base = load_pipeline(model, "text2img")
     base_known = known_accuracy(base, evaluator, range(args.known_seeds))
     print(f"base model: known-concept accuracy {base_known:.3f}", flush=True)
-    results = {"args": vars(args), "base_known_accuracy": base_known, "cells": {}, "base": {}, "extras": {}}
+    results = {"args": vars(args), "base_known_accuracy": base_known, "cells": earlier.get("cells", {}),
+               "base": earlier.get("base", {}), "extras": {}}  # fmt: skip
     lora_files: dict[tuple[str, str, int], Path] = {}
-    tuned_models: dict[tuple[str, int], Path] = {}
+    tuned_models: dict[tuple[str, str, int], Path] = {}
+    for name, by_recipe in results["cells"].items():  # --resume: the earlier files, for the extras too
+        for recipe in by_recipe:
+            for seed, row in kept_rows(earlier, out, name, recipe).items():
+                (tuned_models if recipe in BASELINES else lora_files)[(name, recipe, seed)] = out / row["file"]
     t_all = time.monotonic()
 
     for name in args.concepts:
@@ -177,14 +220,20 @@ def main(argv=None) -> dict:
         results["base"][name] = concept_scores(evaluator.classify(base_images), concept, colours)
         print(f"[{name}] base: {results['base'][name]}", flush=True)
         save_grid(base_images, out / "grids" / name / "base.png", args.concept_seeds, f"{name}/base")
-        results["cells"][name] = {}
+        cells = results["cells"].setdefault(name, {})
         for recipe in args.recipes:
-            rows = []
+            kept = kept_rows(earlier, out, name, recipe)
+            rows = [row for seed, row in kept.items() if seed not in args.seeds]  # other seeds' cells stay too
             for seed in args.seeds:
+                if seed in kept:  # --resume: trained and scored by an earlier run
+                    rows.append(kept[seed])
+                    print(f"[{name}] {recipe} seed {seed}: kept from the earlier run", flush=True)
+                    continue
                 work = out / "runs" / name / recipe / f"seed{seed}"
                 data = write_concept_dataset(name, work / "data", seed=seed)
                 cfg = RecipeConfig(steps=args.steps, seed=seed, token="<s2>" if name == "star" else "<s1>",
-                                   inversion_share=args.inversion_share)  # fmt: skip
+                                   inversion_share=args.inversion_share,
+                                   train_text_encoder=args.train_text_encoder)  # fmt: skip
                 t0 = time.monotonic()
                 if recipe in BASELINES:
                     tuned = train_baseline(recipe, concept, data, work, model, cfg)
@@ -193,6 +242,7 @@ def main(argv=None) -> dict:
                     pipe = load_pipeline(tuned, "text2img")
                     scores, images = score_pipeline(pipe, evaluator, concept, "<s1>", args, base_known)
                     size = sum(f.stat().st_size for f in (tuned / "unet").glob("*.safetensors"))
+                    file = tuned
                 else:
                     path = train_recipe(recipe, concept, data, work / "lora", model, cfg)
                     train_s = time.monotonic() - t0
@@ -202,14 +252,15 @@ def main(argv=None) -> dict:
                                                 range(args.concept_seeds), range(args.known_seeds),
                                                 base_known=base_known)  # fmt: skip
                     size = path.stat().st_size
+                    file = path
                 scores |= scorers(images, class_texts(concept, args.concept_seeds), instance_images(data))
-                scores |= {"size_kb": size / 1024, "train_s": train_s, "seed": seed}
+                scores |= {"size_kb": size / 1024, "train_s": train_s, "seed": seed, "file": os.path.relpath(file, out)}
                 rows.append(scores)
                 print(f"[{name}] {recipe} seed {seed}: " + ", ".join(
                     f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float)), flush=True)  # fmt: skip
                 if seed == args.seeds[0]:
                     save_grid(images, out / "grids" / name / f"{recipe}.png", args.concept_seeds, f"{name}/{recipe}")
-            results["cells"][name][recipe] = rows
+            cells[recipe] = rows
             (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     # ---- extras: distillation of the full fine-tune, resize by energy, merging two concepts

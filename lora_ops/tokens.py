@@ -87,20 +87,24 @@ def init_token_embeddings(
             weight[token_id] = weight[pieces].float().mean(dim=0).to(weight.dtype)
 
 
+def check_token_rows(text_encoder, embeddings: Mapping[str, torch.Tensor], name: str) -> None:
+    """Raise ValueError naming the token if a row is not a finite vector of `text_encoder`'s width."""
+    width = text_encoder.get_input_embeddings().weight.shape[1]
+    for token, vector in embeddings.items():
+        if vector.ndim != 1 or vector.shape[0] != width:
+            raise ValueError(
+                f"token {token!r} has an embedding of shape {tuple(vector.shape)}; {name} needs ({width},)"
+            )
+        if not torch.isfinite(vector).all():
+            raise ValueError(f"token {token!r} has a non-finite embedding")
+
+
 def apply_token_embeddings(tokenizer, text_encoder, embeddings: Mapping[str, torch.Tensor]) -> list[int]:
     """Add (idempotently) and set learned token embeddings; returns their ids.
 
     Raises ValueError if a vector's size differs from the text encoder's embedding width.
     """
-    weight = text_encoder.get_input_embeddings().weight
-    for token, vector in embeddings.items():
-        if vector.ndim != 1 or vector.shape[0] != weight.shape[1]:
-            raise ValueError(
-                f"token {token!r} has an embedding of shape {tuple(vector.shape)}; "
-                f"this text encoder needs ({weight.shape[1]},)"
-            )
-        if not torch.isfinite(vector).all():
-            raise ValueError(f"token {token!r} has a non-finite embedding")
+    check_token_rows(text_encoder, embeddings, "this text encoder")
     ids = add_tokens(tokenizer, text_encoder, list(embeddings))
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
@@ -146,14 +150,8 @@ def apply_lora_tokens(model, lora) -> dict[str, list[int]]:
         need = "SDXL model needs rows for both (clip_l and clip_g)" if "text_encoder_2" in pairs else (
             "model has one text encoder (not SDXL)")  # fmt: skip
         raise ValueError(f"the learned tokens {list(lora.tokens)} have rows for {have}; this {need}")
-    for name, table in tables.items():  # shapes first, so that a misfit changes nothing
-        weight = pairs[name][1].get_input_embeddings().weight
-        for token, vector in table.items():
-            if vector.ndim != 1 or vector.shape[0] != weight.shape[1]:
-                raise ValueError(
-                    f"token {token!r} has an embedding of shape {tuple(vector.shape)}; "
-                    f"{name} needs ({weight.shape[1]},)"
-                )
+    for name, table in tables.items():  # every table first, so that a misfit changes nothing
+        check_token_rows(pairs[name][1], table, name)
     return {name: apply_token_embeddings(*pairs[name], table) for name, table in tables.items()}
 
 

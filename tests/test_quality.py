@@ -67,7 +67,9 @@ def test_the_quality_check_fails_with_the_lora_switched_off(scoring, trained):
 
 
 def test_the_quality_check_fails_for_a_run_that_cannot_learn(scoring, tmp_path):
-    lora = _train(tmp_path, learning_rate_ti=0.0, learning_rate_unet=0.0, learning_rate_text=0.0)
+    # with every learning rate 0 no step changes a weight (AdamW's decay and the token-norm pull scale with the
+    # learning rate too), so one step per phase ends where the full budget would
+    lora = _train(tmp_path, steps=2, learning_rate_ti=0.0, learning_rate_unet=0.0, learning_rate_text=0.0)
     scores = _score(scoring, lora)
     assert scores["subject_fidelity"] < MIN_SUBJECT_FIDELITY, scores
 
@@ -110,3 +112,39 @@ def test_pivotal_tuning_splits_its_budget_by_the_inversion_share():
     assert RecipeConfig(steps=2, inversion_share=0.99).pti_steps() == (1, 1)  # each phase keeps a step
     with pytest.raises(ValueError, match="inversion_share"):
         RecipeConfig(inversion_share=1.0)
+
+
+def _quality_benchmark():
+    """benchmarks/quality.py as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_quality_benchmark_runs_in_parts_and_resumes(tmp_path, capsys):
+    """`benchmarks/quality.py` at smoke scale: a second run with --resume keeps the first run's cell (its file and
+    scores) and trains only the new one; results.md has both; other settings are refused, naming them."""
+    bench = _quality_benchmark()
+
+    def small(*recipes, steps=2):
+        return ["--out", str(tmp_path), "--concepts", "ring", "--seeds", "0", "--steps", str(steps),
+                "--concept-seeds", "1", "--known-seeds", "1", "--extras", "--recipes", *recipes]  # fmt: skip
+
+    first = bench.main(small("ti"))
+    ti_row = first["cells"]["ring"]["ti"][0]
+    assert (tmp_path / ti_row["file"]).is_file() and 0.0 <= ti_row["subject_fidelity"] <= 1.0
+    capsys.readouterr()
+    second = bench.main([*small("ti", "lora"), "--resume"])
+    log = capsys.readouterr().out
+    assert "[ring] ti seed 0: kept from the earlier run" in log
+    assert "[ring] lora seed 0: kept" not in log and "[ring] lora seed 0: subject_fidelity=" in log
+    assert second["cells"]["ring"]["ti"] == [ti_row] and len(second["cells"]["ring"]["lora"]) == 1
+    table = (tmp_path / "results.md").read_text()
+    assert "| ti |" in table and "| lora |" in table
+    with pytest.raises(SystemExit, match=r"other settings: steps=2 \(now 3\)"):
+        bench.main([*small("ti", steps=3), "--resume"])

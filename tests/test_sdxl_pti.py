@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from train_utils import assert_resume_is_exact, random_images
+from train_utils import pti_config as shared_pti_config
 
 from lora_ops import load_lora, load_pipeline, patch_pipeline
 from lora_ops.formats import lora_family, read_any, write_any
 from lora_ops.lora_file import LoraFile, read_safetensors, save_lora
 from lora_ops.merge import add_to_pipeline, join_loras, merge_loras, split_parts
-from lora_ops.training.config import PTIConfig
+from lora_ops.tokens import apply_lora_tokens
 from lora_ops.training.pti import train_pti
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -22,26 +23,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT = "a photo of <s1><s2>"
 
 
-def pti_config(model, data, out, **kw) -> PTIConfig:
+def pti_config(model, data, out, **kw):
     base = dict(
-        pretrained_model_name_or_path=str(model),
-        instance_data_dir=str(data),
-        output_dir=str(out),
-        resolution=32,
         bucket_reso_steps=8,  # bucketing is on by default for SDXL; at 32 px its sides step by 8
-        use_template="object",
-        placeholder_tokens="<s1>|<s2>",
         initializer_tokens="dog",
         max_train_steps_ti=4,
         max_train_steps_tuning=4,
         learning_rate_ti=5e-2,
         learning_rate_unet=1e-2,
-        save_steps=1000,
-        seed=0,
-        progress=False,
-        eval_noises=0,
     )
-    return PTIConfig(**{**base, **kw})
+    return shared_pti_config(model, data, out, **{**base, **kw})
 
 
 def _run(pipe, prompt=PROMPT):
@@ -172,6 +163,13 @@ def test_files_for_the_wrong_number_of_encoders_are_refused_before_anything_chan
     with pytest.raises(ValueError, match="rows for one text encoder; this SDXL model needs rows for both"):
         patch_pipeline(pipe, one_table)
     assert len(pipe.tokenizer) == vocab and len(pipe.tokenizer_2) == vocab
+    width_2 = pipe.text_encoder_2.get_input_embeddings().weight.shape[1]
+    for bad_row, message in [(torch.ones(width_2 + 1), "text_encoder_2 needs"), (torch.full((width_2,), float("nan")),
+                             "non-finite embedding")]:  # fmt: skip
+        rows_2 = {**lora.tokens_2, "<s2>": bad_row}  # the first encoder's rows are fine: nothing may be added there
+        with pytest.raises(ValueError, match=message):
+            apply_lora_tokens(pipe, LoraFile(tokens=dict(lora.tokens), tokens_2=rows_2))
+        assert len(pipe.tokenizer) == vocab and len(pipe.tokenizer_2) == vocab
     sd1 = load_pipeline(tiny_model)
     with pytest.raises(ValueError, match="rows for both SDXL text encoders; this model has one text encoder"):
         patch_pipeline(sd1, LoraFile(tokens=dict(lora.tokens), tokens_2=dict(lora.tokens_2)))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_utils import pti_config
 
 from lora_ops.dataset import DatasetConfig, ImageDataset
 from lora_ops.lora_file import load_lora
@@ -50,25 +51,6 @@ def make_images(folder, n=3, size=40, masks=False):
             mask[8:32, 8:32] = 255
             Image.fromarray(mask).save(folder / f"img{i}.mask.png")
     return folder
-
-
-def pti_config(model, data, out, **kw):
-    base = dict(
-        pretrained_model_name_or_path=str(model),
-        instance_data_dir=str(data),
-        output_dir=str(out),
-        resolution=32,
-        use_template="object",
-        placeholder_tokens="<s1>|<s2>",
-        max_train_steps_ti=2,
-        max_train_steps_tuning=2,
-        save_steps=1000,
-        seed=0,
-        progress=False,
-        eval_noises=0,
-    )
-    base.update(kw)
-    return PTIConfig(**base)
 
 
 @pytest.fixture(scope="module")

@@ -4,56 +4,36 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from train_utils import Stop, pti_config, random_images
 
 from lora_ops.lora_file import read_safetensors
 from lora_ops.training.checkpoints import list_checkpoints, load_checkpoint, resolve_resume
-from lora_ops.training.config import PTIConfig
 from lora_ops.training.pti import train_pti
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_images(folder, n=3, size=40):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(folder / f"img{i}.png")
-    return folder
-
-
-class Stop(Exception):
-    pass
+def make_images(folder):
+    return random_images(folder, [(40, 40)] * 3, seed=0)
 
 
 def config(tiny_model, data, out, **kw):
     base = dict(
-        pretrained_model_name_or_path=str(tiny_model),
-        instance_data_dir=str(data),
-        output_dir=str(out),
-        resolution=32,
-        use_template="object",
-        placeholder_tokens="<s1>|<s2>",
         max_train_steps_ti=4,
         max_train_steps_tuning=4,
         learning_rate_ti=1e-2,
         learning_rate_unet=1e-2,
         save_steps=2,
         seed=3,
-        progress=False,
-        eval_noises=0,
         horizontal_flip=True,  # augmentation on: latents per step, generator state matters
         train_text_encoder=True,
         continue_inversion=True,
         lr_scheduler="linear",
         lr_scheduler_lora="cosine",
     )
-    base.update(kw)
-    return PTIConfig(**base)
+    return pti_config(tiny_model, data, out, **{**base, **kw})
 
 
 @pytest.mark.parametrize("stop_at", [3, 7])  # inside phase 1, inside phase 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from train_utils import pti_config, random_images
 
 from lora_ops.inject import LoraConfig, inject_lora
 from lora_ops.lora_file import read_safetensors
@@ -38,37 +38,24 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_images(folder, n=3, size=40):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
+def make_images(folder, n=3):
+    return random_images(folder, [(40, 40)] * n, seed=0)
 
 
 def run(tiny_model, data, out, **kw):
     """A short PTI run; returns (per-step losses, the output file's tensors, metrics)."""
-    values = dict(
-        pretrained_model_name_or_path=str(tiny_model),
-        instance_data_dir=str(data),
-        output_dir=str(out),
-        resolution=32,
-        use_template="object",
-        placeholder_tokens="<s1>|<s2>",
+    base = dict(
         max_train_steps_ti=3,
         max_train_steps_tuning=3,
         learning_rate_ti=1e-3,
         learning_rate_unet=1e-3,
         learning_rate_text=1e-3,
-        save_steps=1000,
         seed=5,
-        progress=False,
-        eval_noises=0,
         device="cpu",
     )
-    values.update(kw)
     losses = []
-    result = train_pti(PTIConfig(**values), callback=lambda step, info: losses.append(info["loss"]))
+    config = pti_config(tiny_model, data, out, **{**base, **kw})
+    result = train_pti(config, callback=lambda step, info: losses.append(info["loss"]))
     return np.array(losses), read_safetensors(result.path)[0], result.metrics
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the training tests: folders of random images and a small DreamBooth config."""
+"""Helpers shared by the training tests: folders of random images and small DreamBooth and PTI configs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_ops.training.config import DreamBoothConfig
+from lora_ops.training.config import DreamBoothConfig, PTIConfig
 
 
 def random_images(folder, sizes, seed: int = 1, stem: str = "img"):
@@ -35,6 +35,25 @@ def dreambooth_config(model, data, out, **kw) -> DreamBoothConfig:
         eval_noises=0,
     )
     return DreamBoothConfig(**{**base, **kw})
+
+
+def pti_config(model, data, out, **kw) -> PTIConfig:
+    """Two quiet inversion and two LoRA steps at 32 px on `model`, tokens <s1>|<s2>; `kw` overrides any option."""
+    base = dict(
+        pretrained_model_name_or_path=str(model),
+        instance_data_dir=str(data),
+        output_dir=str(out),
+        resolution=32,
+        use_template="object",
+        placeholder_tokens="<s1>|<s2>",
+        max_train_steps_ti=2,
+        max_train_steps_tuning=2,
+        save_steps=1000,
+        seed=0,
+        progress=False,
+        eval_noises=0,
+    )
+    return PTIConfig(**{**base, **kw})
 
 
 class Stop(Exception):
