@@ -9,6 +9,7 @@ for a run that cannot learn (learning rates 0) and for the trained LoRA switched
 from __future__ import annotations
 
 import pytest
+from train_utils import benchmark_module
 
 from lora_ops.shapes import pretrained
 from lora_ops.shapes.recipes import RecipeConfig, train_recipe
@@ -114,22 +115,10 @@ def test_pivotal_tuning_splits_its_budget_by_the_inversion_share():
         RecipeConfig(inversion_share=1.0)
 
 
-def _quality_benchmark():
-    """benchmarks/quality.py as a module."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("bench_quality", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_quality_benchmark_runs_in_parts_and_resumes(tmp_path, capsys):
     """`benchmarks/quality.py` at smoke scale: a second run with --resume keeps the first run's cell (its file and
     scores) and trains only the new one; results.md has both; other settings are refused, naming them."""
-    bench = _quality_benchmark()
+    bench = benchmark_module("quality")
 
     def small(*recipes, steps=2):
         return ["--out", str(tmp_path), "--concepts", "ring", "--seeds", "0", "--steps", str(steps),

@@ -12,13 +12,11 @@ a missing sample, moves weights by whole steps and losses by far more than rtol 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from train_utils import pti_config, random_images
+from train_utils import benchmark_module, pti_config, random_images
 
 from lora_ops.inject import LoraConfig, inject_lora
 from lora_ops.lora_file import read_safetensors
@@ -31,9 +29,6 @@ from lora_ops.training.loop import resolve_accumulation
 from lora_ops.training.lora import inject_trainable_lora
 from lora_ops.training.pti import train_pti
 from lora_ops.training.trainee import Trainee, cast_frozen_weights
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -170,19 +165,9 @@ def test_speed_option_defaults_and_validation(tmp_path):
         PTIConfig(**base, accumulation="both")
 
 
-def _benchmark():
-    """benchmarks/train_speed.py as a module."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import train_speed
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return train_speed
-
-
 def test_benchmark_runs_and_reports(tmp_path):
     """`benchmarks/train_speed.py` on the tiny model: every variant, ratios, table, JSON, PTI end to end."""
-    train_speed = _benchmark()
+    train_speed = benchmark_module("train_speed")
     out = tmp_path / "bench.json"
     args = ["--arch", "tiny", "--batch", "2", "--warmup", "1", "--repeats", "2", "--device", "cpu"]
     train_speed.main([*args, "--pti-e2e", "--steps", "2", "--json", str(out)])
@@ -208,7 +193,7 @@ def test_benchmark_runs_and_reports(tmp_path):
 def test_benchmark_runs_on_sdxl(tmp_path):
     """The SDXL variant of the benchmark (both text encoders, pooled embeddings, size conditioning) on the tiny
     SDXL: what a GPU run at 1024 px (`--arch sdxl`) measures speed and peak memory with."""
-    train_speed = _benchmark()
+    train_speed = benchmark_module("train_speed")
     out = tmp_path / "bench.json"
     args = ["--arch", "sdxl-tiny", "--batch", "1", "--warmup", "1", "--repeats", "2", "--device", "cpu"]
     train_speed.main([*args, "--gradient-checkpointing", "--json", str(out)])

@@ -20,39 +20,22 @@ def random_images(folder, sizes, seed: int = 1, stem: str = "img"):
     return folder
 
 
+def _quiet_run(model, data, out) -> dict:
+    """What every small training config of the tests shares: paths, 32 px, seed 0, no checkpoints or samples."""
+    return dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(data), output_dir=str(out),
+                resolution=32, save_steps=1000, seed=0, progress=False, eval_noises=0)  # fmt: skip
+
+
 def dreambooth_config(model, data, out, **kw) -> DreamBoothConfig:
     """A few quiet DreamBooth steps at 32 px on `model`; `kw` overrides any option."""
-    base = dict(
-        pretrained_model_name_or_path=str(model),
-        instance_data_dir=str(data),
-        output_dir=str(out),
-        instance_prompt="a photo of sks dog",
-        resolution=32,
-        max_train_steps=3,
-        save_steps=1000,
-        seed=0,
-        progress=False,
-        eval_noises=0,
-    )
+    base = dict(_quiet_run(model, data, out), instance_prompt="a photo of sks dog", max_train_steps=3)
     return DreamBoothConfig(**{**base, **kw})
 
 
 def pti_config(model, data, out, **kw) -> PTIConfig:
     """Two quiet inversion and two LoRA steps at 32 px on `model`, tokens <s1>|<s2>; `kw` overrides any option."""
-    base = dict(
-        pretrained_model_name_or_path=str(model),
-        instance_data_dir=str(data),
-        output_dir=str(out),
-        resolution=32,
-        use_template="object",
-        placeholder_tokens="<s1>|<s2>",
-        max_train_steps_ti=2,
-        max_train_steps_tuning=2,
-        save_steps=1000,
-        seed=0,
-        progress=False,
-        eval_noises=0,
-    )
+    base = dict(_quiet_run(model, data, out), use_template="object", placeholder_tokens="<s1>|<s2>",
+                max_train_steps_ti=2, max_train_steps_tuning=2)  # fmt: skip
     return PTIConfig(**{**base, **kw})
 
 
@@ -87,3 +70,17 @@ def assert_resume_is_exact(make_config, tmp_path, stop_at: int = 3, train=None) 
     for key in a:
         assert torch.equal(a[key], b[key]), key
     return a
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py as a module (registered in sys.modules, as its dataclasses need)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
