@@ -71,7 +71,7 @@ def test_finetune_registers_champion_and_keeps_it_against_a_weaker_run(stack_env
     assert len(tags["dataset_sha256"]) == 64
     assert f"/runs/{run1.replace(':', '-').replace('+', '-')}/distill/r" in tags["lora_uri"]
     learned = float(tags["metric.classifier"])  # the share of its images the world's evaluator calls a ring
-    assert learned >= 0.4, tags  # measured 0.6 (3 of 5 colours)
+    assert learned >= 0.4, tags  # the demo's run of this recipe: 0.8 (4 of 5 colours; 0.6 on the 2400-step base)
     assert "metric.clip_i" in tags and "metric.dino" in tags
     from lora_pipeline.steps.scan import dataset_hash
 

@@ -15,11 +15,12 @@ from lora_ops.shapes import pretrained
 from lora_ops.shapes.recipes import RecipeConfig, train_recipe
 from lora_ops.shapes.world import get_concept, write_concept_dataset
 
-# measured (docs/quality.md: pti on the ring with prior images, seed 0): subject fidelity 0.29-0.30, retention
-# 0.63-0.66 (0.30 / 0.63 on this test's seeds); the LoRA switched off and a run with learning rates 0 score
-# 0.00. The thresholds keep about half of the subject fidelity and 70% of the retention.
+# measured (docs/quality.md: pti on the ring with prior images, the 4800-step base, three seeds): subject fidelity
+# 0.30-0.50, retention 0.79-0.92 (0.35 / 0.85 on this test's seeds; the 2400-step base before it: retention
+# 0.66-0.76); the LoRA switched off and a run with learning rates 0 score 0.00. The thresholds keep about half
+# of the subject fidelity and three quarters of the retention.
 MIN_SUBJECT_FIDELITY = 0.15
-MIN_RETENTION = 0.45
+MIN_RETENTION = 0.65
 CONCEPT_SEEDS = range(12)  # 60 images: 12 per colour
 KNOWN_SEEDS = range(2)  # 50 images: 2 per known prompt
 
@@ -78,6 +79,7 @@ def test_the_quality_check_fails_for_a_run_that_cannot_learn(scoring, tmp_path):
 def test_evaluate_reports_the_classifier_metrics(trained, tmp_path):
     """The evaluate step's optional classifier: the LoRA's images show the ring, the base's do not."""
     from lora_ops.evaluate import EvaluateConfig, evaluate_loras
+    from lora_ops.shapes.quality import GUIDANCE
 
     result = evaluate_loras(
         EvaluateConfig(
@@ -94,6 +96,7 @@ def test_evaluate_reports_the_classifier_metrics(trained, tmp_path):
             classifier_target="shape=ring",
             seeds=[0, 1, 2, 3],
             num_inference_steps=20,
+            guidance_scale=GUIDANCE,  # the world's (at evaluate's default 7.5 its rings come out too rough to count)
             sweep_steps=3,
             select_metric="classifier",
         )
@@ -101,7 +104,7 @@ def test_evaluate_reports_the_classifier_metrics(trained, tmp_path):
     base = result.metrics["base"]["mean"]
     lora = result.metrics["loras"]["pti"]["scales"]["1"]["mean"]
     assert base["classifier"] <= 0.1 < lora["classifier"], (base, lora)
-    assert base["classifier_prompt"] >= 0.6  # the base draws the prompted colour (measured 0.75)
+    assert base["classifier_prompt"] >= 0.6  # the base draws the prompted colour (measured 1.0)
     assert lora["clip_i"] > base["clip_i"] and lora["dino"] > base["dino"]  # closer to the instance images
     assert "CLASSIFIER" in result.comparison_table.read_text()
     assert result.best["metric"] == "classifier" and result.sweep_grid.is_file()

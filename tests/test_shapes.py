@@ -149,7 +149,7 @@ def test_shipped_clip_picks_the_right_caption():
     assert checks["caption_accuracy"] >= 0.9, checks
 
 
-# the goal; measured 0.925-0.98 at the world's guidance on four sets of seeds (docs/quality.md)
+# the goal; measured 0.94-0.96 at the world's guidance on three sets of seeds (docs/quality.md)
 MIN_BASE_ACCURACY = 0.9
 
 
