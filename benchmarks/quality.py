@@ -3,7 +3,7 @@
     python benchmarks/quality.py [--out out/bench-quality] [--concepts ring star striped]
         [--recipes ti lora pti pti_extended dreambooth dreambooth_prior full reference]
         [--seeds 0 1 2] [--steps 400] [--concept-seeds 20] [--known-seeds 4] [--extras distill resize merge]
-        [--train-text-encoder] [--model DIR] [--resume]
+        [--train-text-encoder] [--rank 4] [--prior-loss-weight 1.0] [--model DIR] [--resume]
 
 For every held-out concept, recipe and seed: write the concept's instance images (seeded), train with the
 same step budget, generate the concept's prompt in every colour (`--concept-seeds` images per colour) and
@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lora_ops.hashing import sha256_file  # noqa: E402
 from lora_ops.images import make_grid  # noqa: E402
 from lora_ops.lora_file import load_lora, save_lora  # noqa: E402
 from lora_ops.metrics import ClipScorer, DinoScorer, clip_t, mean_similarity  # noqa: E402
@@ -154,17 +155,34 @@ def parse_args(argv=None):
     p.add_argument("--known-seeds", type=int, default=4, help="images per known prompt (25 prompts)")
     p.add_argument("--extras", nargs="*", default=["distill", "resize", "merge"])
     p.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too (PTI recipes)")
+    p.add_argument("--rank", type=int, default=RecipeConfig.rank, help="LoRA rank")
+    p.add_argument("--prior-loss-weight", type=float, default=RecipeConfig.prior_loss_weight,
+                   help="weight of the regularization images' loss in pivotal tuning's LoRA phase")  # fmt: skip
     p.add_argument("--resume", action="store_true",
                    help="keep the cells of an earlier run with the same settings in --out; train the missing ones")  # fmt: skip
     args = p.parse_args(argv)
+    if args.rank < 1:
+        p.error(f"--rank {args.rank} must be a positive integer")
+    if args.prior_loss_weight < 0:
+        p.error(f"--prior-loss-weight {args.prior_loss_weight} must be >= 0")
     bad = [r for r in args.recipes if r not in (*RECIPES, *BASELINES)]
     if bad:
         p.error(f"unknown recipes {bad}; choose from {[*RECIPES, *BASELINES]}")
     return args
 
 
-# what must match for an earlier run's cells to be kept (--resume)
-SETTINGS = ("model", "steps", "inversion_share", "concept_seeds", "known_seeds", "train_text_encoder")
+# what must match for an earlier run's cells to be kept (--resume); model_sha256: the base's UNet weights, so that
+# a changed shipped base (the same --model, or none) is not mixed with the cells of the one before it
+SETTINGS = ("model", "model_sha256", "steps", "inversion_share", "concept_seeds", "known_seeds", "train_text_encoder",
+            "rank", "prior_loss_weight")  # fmt: skip
+
+
+def model_sha256(model: Path) -> str:
+    """sha256 of the base's UNet weights: what --resume checks besides the folder's name."""
+    files = sorted((model / "unet").glob("*.safetensors")) or sorted((model / "unet").glob("*.bin"))
+    if not files:
+        raise SystemExit(f"--model {model}: no UNet weights in {model / 'unet'} (expected a diffusers folder)")
+    return sha256_file(files[0])
 
 
 def earlier_results(out: Path, args) -> dict:
@@ -194,8 +212,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    earlier = earlier_results(out, args) if args.resume else {}
     model = Path(args.model) if args.model else pretrained("sd")
+    args.model_sha256 = model_sha256(model)
+    earlier = earlier_results(out, args) if args.resume else {}
     evaluator = ShapesEvaluator.from_pretrained(pretrained("evaluator"))
     scorers = Scorers()
     base = load_pipeline(model, "text2img")
@@ -232,8 +251,8 @@ def main(argv=None) -> dict:
                 work = out / "runs" / name / recipe / f"seed{seed}"
                 data = write_concept_dataset(name, work / "data", seed=seed)
                 cfg = RecipeConfig(steps=args.steps, seed=seed, token="<s2>" if name == "star" else "<s1>",
-                                   inversion_share=args.inversion_share,
-                                   train_text_encoder=args.train_text_encoder)  # fmt: skip
+                                   inversion_share=args.inversion_share, train_text_encoder=args.train_text_encoder,
+                                   rank=args.rank, prior_loss_weight=args.prior_loss_weight)  # fmt: skip
                 t0 = time.monotonic()
                 if recipe in BASELINES:
                     tuned = train_baseline(recipe, concept, data, work, model, cfg)
