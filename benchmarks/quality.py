@@ -35,7 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_ops.hashing import sha256_file  # noqa: E402
+from lora_pipeline.steps.artifacts import describe_files, listing_hash  # noqa: E402
+
 from lora_ops.images import make_grid  # noqa: E402
 from lora_ops.lora_file import load_lora, save_lora  # noqa: E402
 from lora_ops.metrics import ClipScorer, DinoScorer, clip_t, mean_similarity  # noqa: E402
@@ -161,28 +162,27 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="keep the cells of an earlier run with the same settings in --out; train the missing ones")  # fmt: skip
     args = p.parse_args(argv)
-    if args.rank < 1:
-        p.error(f"--rank {args.rank} must be a positive integer")
-    if args.prior_loss_weight < 0:
-        p.error(f"--prior-loss-weight {args.prior_loss_weight} must be >= 0")
+    try:  # the recipe settings' own checks, before any model is loaded
+        recipe_config(args, seed=0, token="<s1>")
+    except ValueError as e:
+        p.error(str(e))
     bad = [r for r in args.recipes if r not in (*RECIPES, *BASELINES)]
     if bad:
         p.error(f"unknown recipes {bad}; choose from {[*RECIPES, *BASELINES]}")
     return args
 
 
-# what must match for an earlier run's cells to be kept (--resume); model_sha256: the base's UNet weights, so that
+def recipe_config(args, seed: int, token: str) -> RecipeConfig:
+    """The recipe settings of one cell, from the command line."""
+    return RecipeConfig(steps=args.steps, seed=seed, token=token, inversion_share=args.inversion_share,
+                        train_text_encoder=args.train_text_encoder, rank=args.rank,
+                        prior_loss_weight=args.prior_loss_weight)  # fmt: skip
+
+
+# what must match for an earlier run's cells to be kept (--resume); model_sha256: the base folder's content, so that
 # a changed shipped base (the same --model, or none) is not mixed with the cells of the one before it
 SETTINGS = ("model", "model_sha256", "steps", "inversion_share", "concept_seeds", "known_seeds", "train_text_encoder",
             "rank", "prior_loss_weight")  # fmt: skip
-
-
-def model_sha256(model: Path) -> str:
-    """sha256 of the base's UNet weights: what --resume checks besides the folder's name."""
-    files = sorted((model / "unet").glob("*.safetensors")) or sorted((model / "unet").glob("*.bin"))
-    if not files:
-        raise SystemExit(f"--model {model}: no UNet weights in {model / 'unet'} (expected a diffusers folder)")
-    return sha256_file(files[0])
 
 
 def earlier_results(out: Path, args) -> dict:
@@ -213,7 +213,9 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else pretrained("sd")
-    args.model_sha256 = model_sha256(model)
+    if not (model / "model_index.json").is_file():
+        raise SystemExit(f"--model {model}: not a diffusers folder (no model_index.json)")
+    args.model_sha256 = listing_hash(describe_files(model))  # every weight and config of the base
     earlier = earlier_results(out, args) if args.resume else {}
     evaluator = ShapesEvaluator.from_pretrained(pretrained("evaluator"))
     scorers = Scorers()
@@ -250,9 +252,7 @@ def main(argv=None) -> dict:
                     continue
                 work = out / "runs" / name / recipe / f"seed{seed}"
                 data = write_concept_dataset(name, work / "data", seed=seed)
-                cfg = RecipeConfig(steps=args.steps, seed=seed, token="<s2>" if name == "star" else "<s1>",
-                                   inversion_share=args.inversion_share, train_text_encoder=args.train_text_encoder,
-                                   rank=args.rank, prior_loss_weight=args.prior_loss_weight)  # fmt: skip
+                cfg = recipe_config(args, seed, "<s2>" if name == "star" else "<s1>")
                 t0 = time.monotonic()
                 if recipe in BASELINES:
                     tuned = train_baseline(recipe, concept, data, work, model, cfg)

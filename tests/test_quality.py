@@ -118,6 +118,19 @@ def test_pivotal_tuning_splits_its_budget_by_the_inversion_share():
     assert RecipeConfig(steps=2, inversion_share=0.99).pti_steps() == (1, 1)  # each phase keeps a step
     with pytest.raises(ValueError, match="inversion_share"):
         RecipeConfig(inversion_share=1.0)
+    with pytest.raises(ValueError, match="prior_loss_weight"):
+        RecipeConfig(prior_loss_weight=float("nan"))
+
+
+def test_the_quality_benchmark_refuses_bad_settings_before_loading_a_model(tmp_path, capsys):
+    bench = benchmark_module("quality")
+    for bad, named in ((["--rank", "0"], "rank=0"), (["--prior-loss-weight", "-1"], "prior_loss_weight=-1.0"),
+                       (["--inversion-share", "1"], "inversion_share=1.0")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            bench.main(["--out", str(tmp_path), *bad])
+        assert named in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not a diffusers folder"):
+        bench.main(["--out", str(tmp_path), "--model", str(tmp_path)])
 
 
 def test_the_quality_benchmark_runs_in_parts_and_resumes(tmp_path, capsys):

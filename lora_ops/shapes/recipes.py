@@ -69,6 +69,8 @@ class RecipeConfig:
             raise ValueError(f"rank={self.rank!r} must be a positive integer")
         if not isinstance(self.prior_per_concept, int) or self.prior_per_concept < 0:
             raise ValueError(f"prior_per_concept={self.prior_per_concept!r} must be an integer >= 0")
+        if not isinstance(self.prior_loss_weight, (int, float)) or not 0.0 <= self.prior_loss_weight < float("inf"):
+            raise ValueError(f"prior_loss_weight={self.prior_loss_weight!r} must be a finite number >= 0")
 
     def pti_steps(self) -> tuple[int, int]:
         """(inversion steps, LoRA steps) of pivotal tuning: `steps` split by `inversion_share`, one at least each."""
